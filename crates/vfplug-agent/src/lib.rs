@@ -1,0 +1,1 @@
+//! vfplugd's engine: ledger persistence, pools, health, wiring of inventory and kubelet

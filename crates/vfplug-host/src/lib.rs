@@ -1,0 +1,1 @@
+//! vfplug's node adapter: sysfs inventory, uevents, netlink, driver binding

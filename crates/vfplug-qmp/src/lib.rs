@@ -1,0 +1,1 @@
+//! Async QMP client for QEMU: negotiation, typed commands and events, waiter-before-send
