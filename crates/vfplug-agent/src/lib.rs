@@ -1,1 +1,4 @@
-//! vfplugd's engine: ledger persistence, pools, health, wiring of inventory and kubelet
+//! # vfplug-agent
+//!
+//! vfplugd's engine. Start at [`wal`] (the ledger's write-ahead log).
+pub mod wal;
