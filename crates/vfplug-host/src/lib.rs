@@ -1,1 +1,30 @@
-//! vfplug's node adapter: sysfs inventory, uevents, netlink, driver binding
+//! # vfplug-host
+//!
+//! The node side of vfplug: everything that reads or changes the host's PCI devices. Nothing in
+//! here knows about pools, pods or the ledger; it produces [`vfplug_core::Inventory`] snapshots
+//! and carries out driver changes.
+//!
+//! Where to start:
+//! - [`sysfs::SysfsInventory`] — `scan()` turns a sysfs tree (the root is always a parameter,
+//!   never a hard-coded `/sys`) into an [`Inventory`](vfplug_core::Inventory) of SR-IOV PFs and
+//!   their VFs. Identity and pool facts come from the PCI side and the PF only, never from a VF
+//!   netdev, so a VF whose netdev sits in a pod's namespace is still found with its PF
+//!   (sriov-network-device-plugin #392/#565).
+//! - [`driver::DriverBinder`] — bind a VF to `vfio-pci` or back to its host driver through
+//!   `driver_override` + `unbind` + `drivers_probe`; [`driver::SysfsDriverBinder`] does it for
+//!   real, [`driver::FakeDriverBinder`] in memory.
+//! - [`watch`] — [`watch::spawn_watcher`] turns kernel uevents, PF carrier changes, a cheap
+//!   sysfs fingerprint poll and a periodic resync tick into a stream of [`watch::HostEvent`]s
+//!   that tell the daemon when to rescan.
+//! - `fixture` (cargo feature `fixture`) — `SysfsBuilder` lays out fake sysfs trees the way
+//!   the kernel does (real files, relative symlinks) for tests and benchmarks across the
+//!   workspace.
+
+pub mod driver;
+pub mod error;
+#[cfg(any(test, feature = "fixture"))]
+pub mod fixture;
+pub mod sysfs;
+pub mod watch;
+
+pub use error::HostError;

@@ -1,0 +1,417 @@
+//! Discovery of SR-IOV PFs and VFs from sysfs.
+//!
+//! The walk is: list `bus/pci/devices`, keep the devices that have `sriov_totalvfs` (PFs), read
+//! each PF's attributes and netdev once, then follow its `virtfnN` links to the VFs. Everything
+//! a VF inherits (PF address, PF netdev, link type) is taken from the PF, so a VF bound to
+//! `vfio-pci` or whose netdev was moved into a pod's network namespace is still complete.
+//!
+//! Speed: each attribute is one `open`+`read` into a stack buffer (no `stat`, no
+//! `canonicalize`), and the VF index comes from the `virtfnN` name we already listed (SRIOV-DP
+//! rescans all `virtfn*` links per VF, which is O(n²)).
+//!
+//! Races: sysfs changes under our feet (a `sriov_numvfs` write removes VFs, an unbind removes a
+//! `driver` link and the netdevs). A VF that vanishes mid-scan is skipped with a debug log; a PF
+//! whose mandatory attributes cannot be read is skipped with a warning. Only an unreadable
+//! `bus/pci/devices` fails the whole scan.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Component, Path, PathBuf};
+
+use tracing::{debug, warn};
+use vfplug_core::{Inventory, LinkType, PciAddress, PfInfo, VfInfo};
+
+use crate::HostError;
+
+/// Reads an [`Inventory`] from a sysfs tree.
+#[derive(Clone, Debug)]
+pub struct SysfsInventory {
+    root: PathBuf,
+}
+
+impl SysfsInventory {
+    /// `root` stands for `/sys` (a fake tree in tests).
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    /// The sysfs root this reads.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Scans all SR-IOV PFs and their VFs.
+    ///
+    /// Fails only when `bus/pci/devices` cannot be listed; individual broken PFs and vanished
+    /// VFs are skipped (see the module docs).
+    pub fn scan(&self) -> Result<Inventory, HostError> {
+        let devices = self.root.join("bus/pci/devices");
+        let entries = fs::read_dir(&devices).map_err(|source| HostError::NotSysfs {
+            path: devices.clone(),
+            source,
+        })?;
+        let mut inv = Inventory::default();
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    debug!(path = %devices.display(), error = %e, "read_dir entry failed; skipping");
+                    continue;
+                }
+            };
+            let name = entry.file_name();
+            let Some(pci) = name.to_str().and_then(|n| n.parse::<PciAddress>().ok()) else {
+                debug!(name = ?name, "not a PCI address under bus/pci/devices; skipping");
+                continue;
+            };
+            let link = entry.path();
+            // Cheapest PF test: one open of `sriov_totalvfs`; NotFound means "not a PF".
+            let total = match read_u32(&link.join("sriov_totalvfs")) {
+                Ok(n) => n,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => {
+                    warn!(pf = %pci, error = %e, "unreadable sriov_totalvfs; skipping PF");
+                    continue;
+                }
+            };
+            match self.scan_pf(pci, &link, total, &mut inv) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {
+                    debug!(pf = %pci, error = %e, "PF vanished during scan; skipping")
+                }
+                Err(e) => warn!(pf = %pci, error = %e, "broken PF; skipping"),
+            }
+        }
+        Ok(inv)
+    }
+
+    /// Reads one PF and all its VFs into `inv`. Errors concern the PF itself; VF problems are
+    /// logged and the VF skipped.
+    fn scan_pf(
+        &self,
+        pci: PciAddress,
+        link: &Path,
+        total_vfs: u32,
+        inv: &mut Inventory,
+    ) -> Result<(), HostError> {
+        // Resolve `bus/pci/devices/<bdf>` once to the real directory, so that every VF path
+        // below is a plain path (no symlink walk per attribute). The link target is relative
+        // (`../../../devices/...`) and `bus/pci/devices` is a real directory, so a lexical
+        // join is exact.
+        let dir = resolve_link(link)?;
+        let num_vfs = read_u32(&dir.join("sriov_numvfs"))?;
+        let vendor = read_hex_id(&dir.join("vendor"))?;
+        let device = read_hex_id(&dir.join("device"))?;
+        let driver = read_link_name(&dir.join("driver"))?;
+        let numa_node = read_numa(&dir.join("numa_node"))?;
+        let netdev = list_names(&dir.join("net"))?.into_iter().next();
+        let (link_type, carrier) = match &netdev {
+            Some(ifname) => {
+                let net = dir.join("net").join(ifname);
+                let link_type = match read_u32(&net.join("type")) {
+                    Ok(n) => LinkType::from_arphrd(n),
+                    Err(e) => {
+                        debug!(pf = %pci, error = %e, "no link type; assuming other");
+                        LinkType::Other
+                    }
+                };
+                (link_type, read_carrier(&net.join("carrier")))
+            }
+            None => (LinkType::Other, None),
+        };
+
+        let virtfns = list_virtfns(&dir)?;
+        if total_vfs == 0 && virtfns.is_empty() {
+            debug!(pf = %pci, "sriov_totalvfs is 0; not an SR-IOV PF");
+            return Ok(());
+        }
+        let pf = PfInfo {
+            pci,
+            netdev,
+            vendor,
+            device,
+            driver,
+            total_vfs,
+            num_vfs,
+            numa_node,
+            link_type,
+            carrier,
+        };
+        let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+        for (index, target) in virtfns {
+            match scan_vf(&pf, index, &dir, &parent, &target) {
+                Ok(vf) => {
+                    inv.vfs.insert(vf.pci, vf);
+                }
+                Err(e) if e.is_not_found() => {
+                    debug!(pf = %pci, index, error = %e, "VF vanished during scan; skipping")
+                }
+                Err(e) => warn!(pf = %pci, index, error = %e, "unreadable VF; skipping"),
+            }
+        }
+        inv.pfs.insert(pci, pf);
+        Ok(())
+    }
+}
+
+/// Reads one VF. `target` is the `virtfnN` link target (`../0000:3b:01.0`).
+fn scan_vf(
+    pf: &PfInfo,
+    index: u32,
+    pf_dir: &Path,
+    parent: &Path,
+    target: &Path,
+) -> Result<VfInfo, HostError> {
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| parse_err(pf_dir, target.display().to_string(), "virtfn target"))?;
+    let pci: PciAddress = name.parse().map_err(|_| {
+        parse_err(
+            pf_dir,
+            name.to_owned(),
+            "virtfn target is not a PCI address",
+        )
+    })?;
+    // Kernel layout: VFs are siblings of their PF (`virtfnN -> ../<vf>`). Anything else is
+    // followed literally.
+    let dir = if target.parent() == Some(Path::new("..")) {
+        parent.join(name)
+    } else {
+        normalize(&pf_dir.join(target))
+    };
+    let vendor = read_hex_id(&dir.join("vendor"))?;
+    let device = read_hex_id(&dir.join("device"))?;
+    let driver = read_link_name(&dir.join("driver"))?;
+    let iommu_group =
+        match read_link_name(&dir.join("iommu_group"))? {
+            Some(g) => Some(g.parse::<u32>().map_err(|_| {
+                parse_err(&dir.join("iommu_group"), g.clone(), "iommu group number")
+            })?),
+            None => None,
+        };
+    let numa_node = match read_numa(&dir.join("numa_node")) {
+        Ok(n) => n.or(pf.numa_node),
+        Err(e) if e.is_not_found() => pf.numa_node,
+        Err(e) => return Err(e),
+    };
+    let netdevs = list_names(&dir.join("net"))?;
+    Ok(VfInfo {
+        pci,
+        pf: pf.pci,
+        pf_netdev: pf.netdev.clone(),
+        vf_index: index,
+        vendor,
+        device,
+        driver,
+        iommu_group,
+        numa_node,
+        netdevs,
+        link_type: pf.link_type,
+    })
+}
+
+/// The `virtfnN` entries of a PF directory, as (N, link target), sorted by N.
+fn list_virtfns(pf_dir: &Path) -> Result<Vec<(u32, PathBuf)>, HostError> {
+    let entries = fs::read_dir(pf_dir).map_err(|e| HostError::io("read_dir", pf_dir, e))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| HostError::io("read_dir", pf_dir, e))?;
+        let name = entry.file_name();
+        let Some(index) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("virtfn"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        match fs::read_link(&path) {
+            Ok(target) => out.push((index, target)),
+            // The VF was removed between read_dir and readlink.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                debug!(path = %path.display(), "virtfn link vanished")
+            }
+            Err(e) => return Err(HostError::io("readlink", path, e)),
+        }
+    }
+    out.sort_unstable_by_key(|(i, _)| *i);
+    Ok(out)
+}
+
+/// Follows one symlink level and normalizes the result lexically.
+fn resolve_link(link: &Path) -> Result<PathBuf, HostError> {
+    match fs::read_link(link) {
+        Ok(target) if target.is_absolute() => Ok(target),
+        Ok(target) => Ok(normalize(
+            &link.parent().unwrap_or(Path::new("/")).join(target),
+        )),
+        // Not a symlink: already the directory.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(link.to_path_buf()),
+        Err(e) => Err(HostError::io("readlink", link, e)),
+    }
+}
+
+/// Removes `.` and `..` lexically. Only correct when no component before a `..` is a symlink,
+/// which holds for the sysfs paths we build (`<root>/bus/pci/devices/..`, `<pf dir>/..`).
+pub(crate) fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Reads a small sysfs attribute (they are at most a page; ours are a few bytes) into a stack
+/// buffer and returns it trimmed. One open, one or two reads, no stat.
+pub(crate) fn read_small(path: &Path) -> Result<String, HostError> {
+    let mut file = File::open(path).map_err(|e| HostError::io("read", path, e))?;
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    loop {
+        let n = file
+            .read(&mut buf[len..])
+            .map_err(|e| HostError::io("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if len == buf.len() {
+            return Err(parse_err(
+                path,
+                String::from_utf8_lossy(&buf).into_owned(),
+                "too long",
+            ));
+        }
+    }
+    let s = std::str::from_utf8(&buf[..len]).map_err(|_| {
+        parse_err(
+            path,
+            String::from_utf8_lossy(&buf[..len]).into_owned(),
+            "utf-8",
+        )
+    })?;
+    Ok(s.trim().to_owned())
+}
+
+fn read_u32(path: &Path) -> Result<u32, HostError> {
+    let s = read_small(path)?;
+    s.parse()
+        .map_err(|_| parse_err(path, s, "unsigned integer"))
+}
+
+/// `numa_node`: `-1` (no affinity) becomes `None`.
+fn read_numa(path: &Path) -> Result<Option<u32>, HostError> {
+    let s = read_small(path)?;
+    match s.parse::<i64>() {
+        Ok(n) if n < 0 => Ok(None),
+        Ok(n) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| parse_err(path, s, "NUMA node")),
+        Err(_) => Err(parse_err(path, s, "NUMA node")),
+    }
+}
+
+/// `vendor`/`device` hold `0x8086`; the core types want `8086`.
+fn read_hex_id(path: &Path) -> Result<String, HostError> {
+    let s = read_small(path)?;
+    let id = s.strip_prefix("0x").unwrap_or(&s);
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(parse_err(path, s, "hex ID like 0x8086"));
+    }
+    Ok(id.to_ascii_lowercase())
+}
+
+/// `carrier` reads `1`/`0`; the kernel answers EINVAL while the interface is down, which means
+/// no carrier as far as a pool is concerned.
+pub(crate) fn read_carrier(path: &Path) -> Option<bool> {
+    match read_small(path) {
+        Ok(s) if s == "1" => Some(true),
+        Ok(s) if s == "0" => Some(false),
+        Err(HostError::Io { source, .. }) if source.raw_os_error() == Some(22) => Some(false),
+        Ok(_) | Err(_) => None,
+    }
+}
+
+/// The file name of a symlink's target (`driver`, `iommu_group`), `None` if there is no link.
+pub(crate) fn read_link_name(path: &Path) -> Result<Option<String>, HostError> {
+    match fs::read_link(path) {
+        Ok(target) => target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(|n| Some(n.to_owned()))
+            .ok_or_else(|| parse_err(path, target.display().to_string(), "link target name")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(HostError::io("readlink", path, e)),
+    }
+}
+
+/// Sorted entry names of a directory; a missing directory is empty (no netdevs).
+fn list_names(dir: &Path) -> Result<Vec<String>, HostError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(HostError::io("read_dir", dir, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| HostError::io("read_dir", dir, e))?;
+        if let Some(n) = entry.file_name().to_str() {
+            names.push(n.to_owned());
+        }
+    }
+    names.sort_unstable();
+    Ok(names)
+}
+
+fn parse_err(path: &Path, content: String, reason: &'static str) -> HostError {
+    HostError::Parse {
+        path: path.to_path_buf(),
+        content,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_pops_parent_components() {
+        assert_eq!(
+            normalize(Path::new(
+                "/r/bus/pci/devices/../../../devices/p/0000:3b:00.0"
+            )),
+            PathBuf::from("/r/devices/p/0000:3b:00.0")
+        );
+        assert_eq!(normalize(Path::new("a/./b/../c")), PathBuf::from("a/c"));
+    }
+
+    #[test]
+    fn small_file_readers_parse_kernel_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        fs::write(p("vendor"), "0x8086\n").unwrap();
+        fs::write(p("numa"), "-1\n").unwrap();
+        fs::write(p("numa1"), "1\n").unwrap();
+        fs::write(p("bad"), "zz\n").unwrap();
+        fs::write(p("carrier"), "0\n").unwrap();
+        assert_eq!(read_hex_id(&p("vendor")).unwrap(), "8086");
+        assert_eq!(read_numa(&p("numa")).unwrap(), None);
+        assert_eq!(read_numa(&p("numa1")).unwrap(), Some(1));
+        let e = read_u32(&p("bad")).unwrap_err();
+        assert!(e.to_string().contains("bad"), "error names the path: {e}");
+        assert!(read_u32(&p("missing")).unwrap_err().is_not_found());
+        assert_eq!(read_carrier(&p("carrier")), Some(false));
+        assert_eq!(read_carrier(&p("missing")), None);
+        assert_eq!(read_link_name(&p("missing")).unwrap(), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! Event sources that tell the daemon when to rescan (in progress).
