@@ -1,13 +1,27 @@
 //! # vfplug-core
 //!
-//! The pure domain of vfplug: no sockets, files, threads or clocks. Start with
-//! [`pci::PciAddress`] (the key of everything), [`device`] (what the node has), [`config`]
-//! (pools and selectors, parsed then validated) and [`ledger`] (who owns each VF, with fencing
-//! tokens; the state machine of DESIGN.md §4). Adapters (`vfplug-host`, `vfplug-kubelet`,
-//! `vfplug-agent`) do the I/O and call into these types.
+//! The pure domain of vfplug: no sockets, files, threads or clocks (time comes in as `u64` unix
+//! milliseconds). Start with [`pci::PciAddress`] (the key of everything), [`device`] (what the
+//! node has), [`config`] (pools and selectors: [`Config::parse`] reads vfplug's YAML or
+//! sriov-network-device-plugin's JSON, then validates), [`selector`] (which VF is in which pool:
+//! [`assign_pools`]), [`alloc`] (GetPreferredAllocation policies: [`preferred`]) and [`ledger`]
+//! (who owns each VF, with fencing tokens and write-ahead [`Record`]s; the state machine of
+//! DESIGN.md §4). Adapters (`vfplug-host`, `vfplug-kubelet`, `vfplug-agent`) do the I/O and call
+//! into these types.
 
+pub mod alloc;
+pub mod config;
 pub mod device;
 pub mod pci;
+pub mod selector;
 
+pub use alloc::{AllocPolicy, Candidate, preferred};
+pub use config::{
+    Config, ConfigError, ConfigErrorKind, ConfigFormat, ConfigWarning, DeviceMode, HealthConfig,
+    PfLinkDown, PoolConfig,
+};
 pub use device::{Inventory, LinkType, PfInfo, VfInfo};
 pub use pci::{PciAddress, PciAddressError};
+pub use selector::{
+    PfNameSelector, RootDeviceSelector, Selectors, VfIndexError, VfIndexSet, assign_pools, pool_of,
+};

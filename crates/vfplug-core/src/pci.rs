@@ -32,7 +32,12 @@ pub struct PciAddressError {
 impl PciAddress {
     /// Builds an address, checking the device and function ranges.
     pub fn new(domain: u32, bus: u8, device: u8, function: u8) -> Option<Self> {
-        (device < 32 && function < 8).then_some(Self { domain, bus, device, function })
+        (device < 32 && function < 8).then_some(Self {
+            domain,
+            bus,
+            device,
+            function,
+        })
     }
 }
 
@@ -42,8 +47,13 @@ impl FromStr for PciAddress {
     /// Accepts the full form `0000:3b:02.1` and the short form `3b:02.1` (domain 0), hex digits
     /// in either case, as `lspci` and sysfs print them.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| PciAddressError { input: s.to_owned(), reason };
-        let (head, function) = s.rsplit_once('.').ok_or_else(|| err("missing '.function'"))?;
+        let err = |reason| PciAddressError {
+            input: s.to_owned(),
+            reason,
+        };
+        let (head, function) = s
+            .rsplit_once('.')
+            .ok_or_else(|| err("missing '.function'"))?;
         let mut parts = head.split(':').collect::<Vec<_>>();
         let (domain, bus, device) = match parts.len() {
             3 => (parts.remove(0), parts.remove(0), parts.remove(0)),
@@ -67,13 +77,22 @@ impl FromStr for PciAddress {
         if function > 7 {
             return Err(err("function number above 7"));
         }
-        Ok(Self { domain, bus, device: device as u8, function: function as u8 })
+        Ok(Self {
+            domain,
+            bus,
+            device: device as u8,
+            function: function as u8,
+        })
     }
 }
 
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -105,7 +124,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_reason() {
-        for bad in ["", "0000:3b:02", "0000:3b:20.1", "0000:3b:02.8", "zz:02.1", "0:0:0:0.0", "0000:3b:02.1 "] {
+        for bad in [
+            "",
+            "0000:3b:02",
+            "0000:3b:20.1",
+            "0000:3b:02.8",
+            "zz:02.1",
+            "0:0:0:0.0",
+            "0000:3b:02.1 ",
+        ] {
             let e = bad.parse::<PciAddress>().unwrap_err();
             assert!(e.to_string().contains("invalid PCI address"), "{bad}: {e}");
         }
