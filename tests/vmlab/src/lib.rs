@@ -6,14 +6,19 @@
 //!   [`lab::gate`] that runs, skips loudly, or fails a tier (`VMLAB_TIER`, `VMLAB_REQUIRE`);
 //! * [`cpio`] and [`guest`]: the guests' initramfs images, built at run time;
 //! * [`vm`]: starting QEMU ([`vm::VmConfig`], [`vm::Vm`]) and waiting for serial-console lines;
+//! * [`qmp`]: connecting vfplug-qmp to a just-started QEMU (retries until the socket answers);
+//! * [`sriov`]: the sysfs steps the guest agent runs in L1 (VFs, `driver_override` binding);
 //! * [`timing`]: the figures the tiers measure and print.
 //!
 //! The binary `vmlab-guest-agent` runs *inside* the L1 guest of the sriov tiers: it creates VFs,
 //! binds one to vfio-pci and hotplugs it into a nested QEMU through vfplug-qmp.
 
+pub mod agent;
 pub mod cpio;
 pub mod guest;
 pub mod lab;
+pub mod qmp;
+pub mod sriov;
 pub mod timing;
 pub mod vm;
 
@@ -48,6 +53,9 @@ pub enum LabError {
         /// Serial console and QEMU stderr, for diagnosis.
         tail: String,
     },
+    /// A QMP command failed (vfplug-qmp's classification kept).
+    #[error("QMP: {0}")]
+    Qmp(#[from] vfplug_qmp::QmpError),
     /// QEMU exited while the test waited.
     #[error("QEMU exited ({status}) while waiting for {what}\n{tail}")]
     Exited {

@@ -47,6 +47,9 @@ pub struct VmConfig {
     pub intel_iommu: bool,
     /// 9p shares.
     pub virtfs: Vec<Virtfs>,
+    /// Exit instead of rebooting (`-no-reboot`): a guest panic ends the run at once. Leave off when
+    /// the test uses `system_reset`, which `-no-reboot` turns into a shutdown.
+    pub no_reboot: bool,
     /// Anything else, appended verbatim.
     pub extra: Vec<String>,
 }
@@ -64,6 +67,7 @@ impl Default for VmConfig {
             native_pcie_hotplug: false,
             intel_iommu: false,
             virtfs: Vec::new(),
+            no_reboot: false,
             extra: Vec::new(),
         }
     }
@@ -94,12 +98,14 @@ impl VmConfig {
             "none",
         ]);
         push(&[
-            "-no-reboot",
             "-m",
             &self.memory_mb.to_string(),
             "-smp",
             &self.smp.to_string(),
         ]);
+        if self.no_reboot {
+            push(&["-no-reboot"]);
+        }
         if self.intel_iommu {
             // VFIO in the guest needs a (v)IOMMU; caching-mode makes QEMU see the guest's mappings,
             // which emulated devices behind it need for DMA. -cpu max: x2apic etc. for intremap.
@@ -272,12 +278,17 @@ impl Vm {
     }
 
     /// Last serial lines and QEMU's stderr, for error messages.
-    pub fn diagnostics(&self) -> String {
+    pub fn diagnostics(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("exited: {s}"),
+            Ok(None) => "running".to_string(),
+            Err(e) => format!("unknown: {e}"),
+        };
         let serial = self.serial_text();
         let tail: Vec<&str> = serial.lines().rev().take(40).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         format!(
-            "--- serial (last 40 lines) ---\n{}\n--- qemu stderr ---\n{}",
+            "--- QEMU {status}; serial (last 40 lines) ---\n{}\n--- qemu stderr ---\n{}",
             tail.join("\n"),
             self.stderr_text()
         )
@@ -321,7 +332,7 @@ mod tests {
         ));
         assert!(
             !a.iter()
-                .any(|x| x == "-S" || x == "-global" || x == "-kernel")
+                .any(|x| x == "-S" || x == "-global" || x == "-kernel" || x == "-no-reboot")
         );
     }
 
@@ -329,6 +340,7 @@ mod tests {
     fn options_map_to_flags() {
         let cfg = VmConfig {
             prelaunch: true,
+            no_reboot: true,
             native_pcie_hotplug: true,
             intel_iommu: true,
             root_ports: 1,
@@ -344,6 +356,7 @@ mod tests {
         };
         let a = cfg.args(Path::new("/d"));
         assert!(a.iter().any(|x| x == "-S"));
+        assert!(a.iter().any(|x| x == "-no-reboot"));
         assert!(has_pair(
             &a,
             "-global",
