@@ -11,7 +11,10 @@
 
 pub mod api;
 pub mod plugin;
+pub mod podresources;
 pub mod sriov;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod uds;
 
 pub use plugin::{

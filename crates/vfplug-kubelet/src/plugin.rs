@@ -486,14 +486,14 @@ async fn session<B: PluginBackend>(
     let kubelet_sock = config.kubelet_socket();
 
     // Legacy: a kubelet that is not up yet has no kubelet.sock; wait for it rather than fail.
-    if mode == RegistrationMode::Legacy && uds::socket_inode(&kubelet_sock).is_none() {
+    if mode == RegistrationMode::Legacy && uds::socket_id(&kubelet_sock).is_none() {
         tracing::info!(resource, path = %kubelet_sock.display(), "waiting for the kubelet socket");
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return SessionEnd::Cancelled,
                 () = tokio::time::sleep(config.poll_interval) => {}
             }
-            if uds::socket_inode(&kubelet_sock).is_some() {
+            if uds::socket_id(&kubelet_sock).is_some() {
                 break;
             }
             if config.effective_mode() != mode {
@@ -503,7 +503,7 @@ async fn session<B: PluginBackend>(
     }
 
     let sock = config.socket_path(mode);
-    let (listener, ino) = match uds::bind_fresh(&sock) {
+    let (listener, sock_id) = match uds::bind_fresh(&sock) {
         Ok(x) => x,
         Err(e) => return SessionEnd::Failed(e.into()),
     };
@@ -547,7 +547,7 @@ async fn session<B: PluginBackend>(
         mode,
         &resource,
         &sock,
-        ino,
+        sock_id,
         cancel,
         registered,
         metrics,
@@ -569,7 +569,7 @@ async fn session<B: PluginBackend>(
         tracing::warn!(resource, "gRPC server did not stop in 2 s; aborting it");
         server.abort();
     }
-    uds::remove_if_ours(&sock, ino);
+    uds::remove_if_ours(&sock, sock_id);
     end
 }
 
@@ -579,7 +579,7 @@ async fn supervise(
     mode: RegistrationMode,
     resource: &str,
     sock: &Path,
-    ino: u64,
+    sock_id: uds::SocketId,
     cancel: &CancellationToken,
     registered: &watch::Sender<bool>,
     metrics: &PluginMetrics,
@@ -589,9 +589,9 @@ async fn supervise(
     server: &mut JoinHandle<Result<(), tonic::transport::Error>>,
 ) -> SessionEnd {
     let kubelet_sock = config.kubelet_socket();
-    let mut kubelet_ino = None;
+    let mut kubelet_id = None;
     if mode == RegistrationMode::Legacy {
-        kubelet_ino = uds::socket_inode(&kubelet_sock);
+        kubelet_id = uds::socket_id(&kubelet_sock);
         let register = register_legacy(config, resource);
         let res = tokio::select! {
             () = cancel.cancelled() => return SessionEnd::Cancelled,
@@ -634,10 +634,10 @@ async fn supervise(
                 }
             }
             _ = tick.tick() => {
-                if uds::socket_inode(sock) != Some(ino) {
+                if uds::socket_id(sock) != Some(sock_id) {
                     return SessionEnd::Rebind("plugin socket removed or replaced (kubelet restart?)");
                 }
-                if mode == RegistrationMode::Legacy && uds::socket_inode(&kubelet_sock) != kubelet_ino {
+                if mode == RegistrationMode::Legacy && uds::socket_id(&kubelet_sock) != kubelet_id {
                     return SessionEnd::Rebind("kubelet.sock re-created");
                 }
                 if config.mode == RegistrationMode::Auto && config.effective_mode() != mode {

@@ -33,11 +33,30 @@ pub enum UdsError {
     },
 }
 
+/// Identity of one socket file: inode plus change time, because a file system may hand a
+/// re-created file the inode number of the one just deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SocketId {
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl SocketId {
+    fn of(md: &std::fs::Metadata) -> Self {
+        Self {
+            ino: md.ino(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+        }
+    }
+}
+
 /// Binds a unix listener at `path`, first removing a stale socket left by an earlier run (a
 /// bind on an existing path fails with `EADDRINUSE` even when nobody listens). Creates the parent
-/// directory if needed. Returns the listener and the inode of the new socket file, which the
+/// directory if needed. Returns the listener and the identity of the new socket file, which the
 /// caller watches to notice the kubelet deleting (or someone replacing) the socket.
-pub fn bind_fresh(path: &Path) -> Result<(UnixListener, u64), UdsError> {
+pub fn bind_fresh(path: &Path) -> Result<(UnixListener, SocketId), UdsError> {
     let bind_err = |source| UdsError::Bind {
         path: path.to_path_buf(),
         source,
@@ -52,20 +71,20 @@ pub fn bind_fresh(path: &Path) -> Result<(UnixListener, u64), UdsError> {
         std::fs::create_dir_all(parent).map_err(bind_err)?;
     }
     let listener = UnixListener::bind(path).map_err(bind_err)?;
-    let ino = std::fs::symlink_metadata(path).map_err(bind_err)?.ino();
-    Ok((listener, ino))
+    let id = SocketId::of(&std::fs::symlink_metadata(path).map_err(bind_err)?);
+    Ok((listener, id))
 }
 
-/// The inode of the socket file at `path`, or `None` if there is none (or it is not a socket).
-pub fn socket_inode(path: &Path) -> Option<u64> {
+/// The identity of the socket file at `path`, or `None` if there is none (or it is not a socket).
+pub fn socket_id(path: &Path) -> Option<SocketId> {
     let md = std::fs::symlink_metadata(path).ok()?;
-    md.file_type().is_socket().then(|| md.ino())
+    md.file_type().is_socket().then(|| SocketId::of(&md))
 }
 
-/// Removes the socket at `path` if it is still the one with inode `ino` (never somebody else's
-/// newer socket at the same path).
-pub fn remove_if_ours(path: &Path, ino: u64) {
-    if socket_inode(path) == Some(ino)
+/// Removes the socket at `path` if it is still the one with identity `id` (never somebody
+/// else's newer socket at the same path).
+pub fn remove_if_ours(path: &Path, id: SocketId) {
+    if socket_id(path) == Some(id)
         && let Err(e) = std::fs::remove_file(path)
     {
         tracing::debug!(path = %path.display(), error = %e, "removing socket failed");
