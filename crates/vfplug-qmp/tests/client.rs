@@ -220,6 +220,7 @@ async fn already_pending_is_not_a_failure() {
         .expect("device_del")
         .error("GenericError", desc)
         .expect("device_del")
+        .event("MARKER", json!({}))
         .error("GenericError", desc)
         .expect("system_reset")
         .event(
@@ -236,14 +237,11 @@ async fn already_pending_is_not_a_failure() {
         DelOutcome::AlreadyPending
     );
     // The waiter outlives the command: a reset completes the pending unplug.
+    let marker = qmp.event_waiter(|e| e.name() == "MARKER");
     let q = qmp.clone();
     let waiting = tokio::spawn(async move { q.device_del_and_wait("hostdev0", LONG).await });
-    // Let the device_del go out first, so the server sees them in script order.
-    let seen_del = qmp
-        .wait_event(|_| false, Duration::from_millis(50))
-        .await
-        .unwrap();
-    assert!(seen_del.is_none());
+    // The server says when it has read the second device_del, so system_reset goes out after it.
+    assert!(marker.wait(LONG).await.unwrap().is_some());
     qmp.system_reset().await.unwrap();
     assert_eq!(waiting.await.unwrap().unwrap(), UnplugOutcome::Deleted);
     drop(qmp);
@@ -403,6 +401,7 @@ async fn late_reply_after_timeout_is_dropped_and_next_call_works() {
 async fn concurrent_calls_are_routed_by_id() {
     let (qmp, server) = Script::new()
         .expect("query-status")
+        .event("MARKER", json!({}))
         .expect("query-version")
         // Answer in reverse order.
         .ret_to(
@@ -413,11 +412,11 @@ async fn concurrent_calls_are_routed_by_id() {
         .connect()
         .await
         .unwrap();
+    let marker = qmp.event_waiter(|e| e.name() == "MARKER");
     let q2 = qmp.clone();
     let status = tokio::spawn(async move { q2.query_status().await });
-    // Ensure query-status is written first (the script expects that order).
-    tokio::task::yield_now().await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The server signals that query-status arrived, so query-version goes out second.
+    assert!(marker.wait(LONG).await.unwrap().is_some());
     let version = qmp.query_version().await.unwrap();
     assert_eq!(version.qemu.major, 9);
     assert_eq!(status.await.unwrap().unwrap().status, RunState::Paused);
