@@ -1,4 +1,15 @@
 //! # vfplug-agent
 //!
-//! vfplugd's engine. Start at [`wal`] (the ledger's write-ahead log).
+//! vfplugd's engine, as a library so that tests drive it in-process. Start at [`Agent::start`]
+//! ([`engine`]): it loads the pool config and the ledger ([`wal`]), scans the inventory, starts
+//! one kubelet device-plugin server per pool and runs the reconcile loop. [`http`] serves
+//! `/healthz`, `/readyz` and `/metrics` ([`metrics`]); [`options`] holds every path and timing.
+
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod options;
 pub mod wal;
+
+pub use engine::{Agent, AgentError};
+pub use options::{AgentOptions, Registration};

@@ -1,1 +1,160 @@
-fn main() {}
+//! `vfplugd`, the vfplug node daemon: argument parsing and wiring only. The engine is in
+//! `vfplug-agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use vfplug_agent::options::{AgentOptions, Registration};
+
+/// SR-IOV virtual functions for Kubernetes: device plugin, CNI backend and hotplug executor.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Node name (defaults to the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Pool config: vfplug YAML, or sriov-network-device-plugin's JSON `resourceList` unchanged.
+    #[arg(long, env = "VFPLUG_CONFIG", default_value = "/etc/vfplug/config.yaml")]
+    config: PathBuf,
+    /// Root of sysfs (stands for /sys).
+    #[arg(long, env = "VFPLUG_SYSFS_ROOT", default_value = "/sys")]
+    sysfs_root: PathBuf,
+    /// Root of device nodes for lookups (DeviceSpecs still name /dev).
+    #[arg(long, env = "VFPLUG_DEV_ROOT", default_value = "/dev")]
+    dev_root: PathBuf,
+    /// The kubelet's directory (stands for /var/lib/kubelet).
+    #[arg(long, env = "VFPLUG_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
+    /// Where the ledger is kept.
+    #[arg(long, env = "VFPLUG_STATE_DIR", default_value = "/var/lib/vfplug")]
+    state_dir: PathBuf,
+    /// Where device-info files (Network Plumbing WG device-info spec) are written.
+    #[arg(
+        long,
+        env = "VFPLUG_DEVICE_INFO_DIR",
+        default_value = "/var/run/k8s.cni.cncf.io/devinfo/dp"
+    )]
+    device_info_dir: PathBuf,
+    /// Kubelet registration mode.
+    #[arg(long, env = "VFPLUG_REGISTRATION", value_enum, default_value_t = RegistrationArg::Auto)]
+    registration: RegistrationArg,
+    /// Address of the /healthz, /readyz and /metrics endpoint.
+    #[arg(long, env = "VFPLUG_HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    http_addr: SocketAddr,
+    /// Full inventory resync interval in seconds (event-driven refresh happens in between).
+    #[arg(long, env = "VFPLUG_RESYNC_SECONDS", default_value_t = 30)]
+    resync_seconds: u64,
+    /// Interval of the kubelet PodResources poll in seconds.
+    #[arg(long, env = "VFPLUG_PODRESOURCES_SECONDS", default_value_t = 5)]
+    podresources_seconds: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "VFPLUG_LOG_JSON")]
+    log_json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RegistrationArg {
+    Auto,
+    Legacy,
+    PluginsRegistry,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "vfplugd failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown-node".into()),
+    };
+    let opts = AgentOptions {
+        node_name,
+        sysfs_root: args.sysfs_root,
+        dev_root: args.dev_root,
+        kubelet_dir: args.kubelet_dir,
+        state_dir: args.state_dir,
+        config_path: args.config,
+        device_info_dir: args.device_info_dir,
+        registration: match args.registration {
+            RegistrationArg::Auto => Registration::Auto,
+            RegistrationArg::Legacy => Registration::Legacy,
+            RegistrationArg::PluginsRegistry => Registration::PluginsRegistry,
+        },
+        resync_interval: Duration::from_secs(args.resync_seconds.max(1)),
+        poll_interval: Duration::from_millis(50),
+        podresources_interval: Duration::from_secs(args.podresources_seconds.max(1)),
+    };
+
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone())?;
+    let agent = vfplug_agent::Agent::start(opts, cancel.clone())
+        .await
+        .context("starting the agent")?;
+    let (addr, http) = vfplug_agent::http::serve(
+        args.http_addr,
+        agent.ready(),
+        agent.registry(),
+        cancel.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the HTTP endpoint {}", args.http_addr))?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    agent.wait().await.context("agent stopped with an error")?;
+    cancel.cancel();
+    let _ = http.await;
+    tracing::info!("vfplugd stopped");
+    Ok(())
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(())
+}

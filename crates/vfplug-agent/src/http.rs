@@ -1,0 +1,73 @@
+//! `/healthz`, `/readyz` and `/metrics` over HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+struct HttpState {
+    ready: watch::Receiver<bool>,
+    registry: Arc<Registry>,
+}
+
+/// Serves health, readiness and metrics on `addr` until `cancel` fires. Returns the bound
+/// address (useful with port 0) once listening.
+pub async fn serve(
+    addr: SocketAddr,
+    ready: watch::Receiver<bool>,
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(HttpState { ready, registry });
+    let task = tokio::spawn(async move {
+        let shutdown = cancel.cancelled_owned();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    Ok((local, task))
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: inventory or kubelet registration pending\n",
+        )
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,62 @@
+//! Runtime options of the agent (paths and timings). Pools come from the config file instead.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How vfplugd registers with the kubelet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Registration {
+    /// Use `plugins_registry/` when the kubelet has it, else the legacy `kubelet.sock`.
+    #[default]
+    Auto,
+    /// Only `device-plugins/kubelet.sock`.
+    Legacy,
+    /// Only `plugins_registry/`.
+    PluginsRegistry,
+}
+
+/// Everything the agent needs to know that is not the pool config.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Node name, for logs and (later) the controller.
+    pub node_name: String,
+    /// Stands for `/sys`.
+    pub sysfs_root: PathBuf,
+    /// Stands for `/dev` (only for lookups; DeviceSpecs still name `/dev`).
+    pub dev_root: PathBuf,
+    /// Stands for `/var/lib/kubelet`.
+    pub kubelet_dir: PathBuf,
+    /// Where the ledger lives.
+    pub state_dir: PathBuf,
+    /// The pool config file (vfplug YAML or sriov-network-device-plugin JSON).
+    pub config_path: PathBuf,
+    /// Where device-info files are written (device-info spec v1.1.0).
+    pub device_info_dir: PathBuf,
+    /// Registration mode.
+    pub registration: Registration,
+    /// Full inventory rescan interval, the safety net behind event-driven refresh.
+    pub resync_interval: Duration,
+    /// How often the config file and the fake-friendly sysfs fingerprint are polled.
+    pub poll_interval: Duration,
+    /// How often the kubelet's PodResources API is asked for its allocations.
+    pub podresources_interval: Duration,
+}
+
+impl AgentOptions {
+    /// Options rooted in one directory, as tests and the demo use them.
+    pub fn rooted(root: &std::path::Path, config_path: PathBuf) -> Self {
+        Self {
+            node_name: "test-node".into(),
+            sysfs_root: root.join("sys"),
+            dev_root: root.join("dev"),
+            kubelet_dir: root.join("kubelet"),
+            state_dir: root.join("state"),
+            config_path,
+            device_info_dir: root.join("devinfo"),
+            registration: Registration::Auto,
+            resync_interval: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(50),
+            podresources_interval: Duration::from_secs(5),
+        }
+    }
+}
