@@ -12,6 +12,7 @@
 pub mod alloc;
 pub mod config;
 pub mod device;
+pub mod ledger;
 pub mod pci;
 pub mod selector;
 
@@ -21,6 +22,10 @@ pub use config::{
     PfLinkDown, PoolConfig,
 };
 pub use device::{Inventory, LinkType, PfInfo, VfInfo};
+pub use ledger::{
+    Lease, Ledger, LedgerError, Owner, Record, SavedVfState, StateKind, Step, Token, VfLinkState,
+    VfState,
+};
 pub use pci::{PciAddress, PciAddressError};
 pub use selector::{
     PfNameSelector, RootDeviceSelector, Selectors, VfIndexError, VfIndexSet, assign_pools, pool_of,
