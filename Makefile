@@ -3,6 +3,7 @@
 #   make vm-test TIER=sriov        L1 with igb SR-IOV + VFIO, nested QEMU in prelaunch (~25 s)
 #   make vm-test TIER=sriov-full   as sriov, L2 boots Linux and acks the unplug (~2-3 min)
 #   make vm-test TIER=all          everything
+# VMs run one at a time (--test-threads 1): TCG is CPU-bound and parallel VMs only make timings noisy.
 # VMLAB_REQUIRE=1 (CI) turns a missing prerequisite into a failure instead of a loud skip.
 
 TIER ?= qemu
@@ -16,4 +17,4 @@ vm-setup:
 
 vm-test: vm-setup
 	VMLAB_TIER=$(TIER) VMLAB_REQUIRE=$(VMLAB_REQUIRE) \
-	  $(CARGO) nextest run -p vfplug-vmlab --no-capture --no-fail-fast
+	  $(CARGO) nextest run -p vfplug-vmlab --no-capture --no-fail-fast --test-threads 1
