@@ -220,6 +220,10 @@ mod tests {
                 "Duplicate device ID 'hostdev0' for device",
                 |e| matches!(e, QmpError::DuplicateId { .. }),
             ),
+            // Exactly what QEMU 10.0.2 answered in tests/real_qemu.rs.
+            ("GenericError", "Duplicate device ID 'rng1'", |e| {
+                matches!(e, QmpError::DuplicateId { .. })
+            }),
             ("GenericError", "Duplicate ID 'hostdev0' for device", |e| {
                 matches!(e, QmpError::DuplicateId { .. })
             }),
