@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up this machine and runs every test of vfplug: unit and property tests, in-process peers
+# over real sockets (fake kubelet, scripted QMP server, fake sysfs trees), the real vfplugd binary,
+# and the VM lab's qemu and fast sriov tiers (real QEMU 10 under TCG, emulated igb SR-IOV + VFIO).
+#
+#   bash scripts/test-all.sh            # as root on a fresh Debian bookworm machine
+#   VMLAB_TIERS=qemu,sriov,sriov-full bash scripts/test-all.sh   # also the slow full tier
+#
+# Setup needs root (apt-get); without root it assumes the packages are there already.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+TIERS="${VMLAB_TIERS:-qemu,sriov}"
+
+if [ "$(id -u)" = 0 ]; then
+    echo "== setup: Debian packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends iproute2 cpio bc ca-certificates >/dev/null
+else
+    echo "== setup: not root, skipping apt-get (packages assumed present)"
+fi
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    echo "== setup: cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+echo "== setup: VM lab (QEMU 10 from bookworm-backports, cached kernel and busybox)"
+bash tests/vmlab/setup.sh
+
+echo "== tests: workspace (VM lab tiers: $TIERS)"
+# The VM lab runs its VMs one at a time; everything else in parallel.
+VMLAB_TIER="" cargo nextest run --workspace --exclude vfplug-vmlab --no-fail-fast
+VMLAB_TIER="$TIERS" VMLAB_REQUIRE=1 \
+    cargo nextest run -p vfplug-vmlab --no-capture --no-fail-fast --test-threads 1
