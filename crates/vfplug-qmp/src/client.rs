@@ -82,7 +82,7 @@ pub enum UnplugOutcome {
 type ReplyTx = oneshot::Sender<Result<Value, ErrorBody>>;
 
 struct Waiter {
-    pred: Box<dyn Fn(&Event) -> bool + Send>,
+    pred: Arc<dyn Fn(&Event) -> bool + Send + Sync>,
     tx: oneshot::Sender<Event>,
 }
 
@@ -170,14 +170,23 @@ impl Shared {
 
     fn dispatch_event(&self, event: Event) {
         debug!(event = event.name(), "QMP event");
-        let mut st = self.lock();
-        let fired: Vec<u64> = st
+        // Predicates run without the lock held, so one that calls back into the handle (or is
+        // slow) cannot deadlock or stall the other users of the state. Only this task dispatches,
+        // so events still reach waiters in wire order.
+        let candidates: Vec<_> = self
+            .lock()
             .waiters
             .iter()
-            .filter(|(_, w)| (w.pred)(&event))
-            .map(|(k, _)| *k)
+            .map(|(k, w)| (*k, w.pred.clone()))
             .collect();
+        let fired: Vec<u64> = candidates
+            .into_iter()
+            .filter(|(_, pred)| pred(&event))
+            .map(|(k, _)| k)
+            .collect();
+        let mut st = self.lock();
         for key in fired {
+            // A waiter dropped meanwhile is simply gone.
             if let Some(w) = st.waiters.remove(&key) {
                 let _ = w.tx.send(event.clone());
             }
@@ -325,7 +334,10 @@ impl Qmp {
 
     /// Registers interest in the first event matching `pred`, from now on. Register *before*
     /// sending the command that causes the event: QEMU may emit it before the reply.
-    pub fn event_waiter(&self, pred: impl Fn(&Event) -> bool + Send + 'static) -> EventWaiter {
+    pub fn event_waiter(
+        &self,
+        pred: impl Fn(&Event) -> bool + Send + Sync + 'static,
+    ) -> EventWaiter {
         let (tx, rx) = oneshot::channel();
         let shared = self.inner.shared.clone();
         let key = {
@@ -337,7 +349,7 @@ impl Qmp {
                 st.waiters.insert(
                     key,
                     Waiter {
-                        pred: Box::new(pred),
+                        pred: Arc::new(pred),
                         tx,
                     },
                 );
@@ -350,7 +362,7 @@ impl Qmp {
     /// Waits up to `timeout` for the next event matching `pred`; `Ok(None)` on timeout.
     pub async fn wait_event(
         &self,
-        pred: impl Fn(&Event) -> bool + Send + 'static,
+        pred: impl Fn(&Event) -> bool + Send + Sync + 'static,
         timeout: Duration,
     ) -> Result<Option<Event>, QmpError> {
         self.event_waiter(pred).wait(timeout).await

@@ -605,3 +605,24 @@ async fn dropping_last_handle_closes_connection() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn waiter_predicate_may_call_back_into_the_handle() {
+    let (qmp, server) = Script::new()
+        .expect("query-status")
+        .event(
+            "RESET",
+            json!({"guest": false, "reason": "host-qmp-system-reset"}),
+        )
+        .ret(json!({"running": true, "status": "running"}))
+        .connect()
+        .await
+        .unwrap();
+    let q = qmp.clone();
+    // The predicate takes the client's state lock; dispatch must not hold it meanwhile.
+    let waiter = qmp.event_waiter(move |e| !q.is_closed() && e.name() == "RESET");
+    assert!(qmp.query_status().await.unwrap().running);
+    assert!(waiter.wait(LONG).await.unwrap().is_some());
+    drop(qmp);
+    server.await.unwrap().unwrap();
+}
