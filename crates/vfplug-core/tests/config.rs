@@ -534,3 +534,139 @@ fn index_set_display_roundtrip() {
         assert!(bad.parse::<VfIndexSet>().is_err(), "{bad:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Never panic, whatever the input (the stable-toolchain stand-in for fuzz/fuzz_targets/config.rs).
+
+mod no_panic {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+    use vfplug_core::Config;
+
+    /// Keys that the parsers know, in various spellings, plus junk, so random documents get
+    /// deep into the walkers instead of failing at the first key.
+    const KEYS: &[&str] = &[
+        "resourceList",
+        "ResourceList",
+        "resourceName",
+        "resourcePrefix",
+        "deviceType",
+        "selectors",
+        "Selectors",
+        "vendors",
+        "devices",
+        "drivers",
+        "pciAddresses",
+        "pfNames",
+        "rootDevices",
+        "linkTypes",
+        "isRdma",
+        "IsRdma",
+        "needVhostNet",
+        "vdpaType",
+        "ddpProfiles",
+        "acpiIndexes",
+        "additionalInfo",
+        "SelectorObj",
+        "excludeTopology",
+        "pools",
+        "name",
+        "prefix",
+        "deviceMode",
+        "bindVfio",
+        "policy",
+        "health",
+        "pfLinkDown",
+        "numaNodes",
+        "x",
+        "",
+    ];
+    const WORDS: &[&str] = &[
+        "8086",
+        "154c",
+        "vfio-pci",
+        "iavf",
+        "0000:3b:02.1",
+        "3b:02.1",
+        "ens1#0-3,5",
+        "ens1#5-3",
+        "0000:3b:00.0#0-7",
+        "0000:3b:00.0#",
+        "ether",
+        "infiniband",
+        "netDevice",
+        "accelerator",
+        "auxNetDevice",
+        "netdev",
+        "vfio",
+        "pack",
+        "spread",
+        "numa",
+        "unhealthy",
+        "a",
+        "intel.com",
+        "kubernetes.io",
+        "",
+        "#",
+        "-",
+        "0x8086",
+        "\u{0}",
+        "é",
+    ];
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            proptest::sample::select(WORDS).prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((proptest::sample::select(KEYS), inner), 0..6).prop_map(
+                    |kv| Value::Object(
+                        kv.into_iter()
+                            .map(|(k, v)| (k.to_owned(), v))
+                            .collect::<Map<_, _>>()
+                    )
+                ),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text(s in ".*") {
+            let _ = Config::parse(&s);
+        }
+
+        #[test]
+        fn arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Config::parse(&String::from_utf8_lossy(&b));
+        }
+
+        #[test]
+        fn structured_json_and_yaml(v in value(), wrap in any::<bool>()) {
+            // Often wrap in a resourceList so the SRIOV-DP walker is exercised.
+            let v = if wrap { serde_json::json!({ "resourceList": [v] }) } else { v };
+            let json = serde_json::to_string(&v).unwrap();
+            if let Ok(cfg) = Config::parse(&json) {
+                // Whatever parses must also validate, and every pool must have selectors.
+                prop_assert!(cfg.validate().is_ok());
+                prop_assert!(cfg.pools.iter().all(|p| !p.selectors.is_empty()));
+            }
+            let yaml = serde_yaml::to_string(&v).unwrap();
+            let _ = Config::parse(&yaml);
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = "[".repeat(100_000);
+        assert!(Config::parse(&deep).is_err());
+        let deep_json = format!("{{\"resourceList\":{}", "[".repeat(100_000));
+        assert!(Config::parse(&deep_json).is_err());
+    }
+}

@@ -593,7 +593,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_operations_with_crashes_keep_the_invariants(ops in proptest::collection::vec(op(), 1..80)) {
+    fn random_operations_with_crashes_keep_the_invariants(ops in proptest::collection::vec(op(), 1..120)) {
         let mut node = Node { snapshot: None, log: Vec::new(), live: Ledger::new(), tokens_issued: Vec::new() };
         let all: BTreeSet<_> = (0..N_VF).map(pci).collect();
         for r in node.live.plan_inventory(&all) {
@@ -623,13 +623,19 @@ proptest! {
                     vec![r]
                 }
                 Op::Advance { vf, step: s, .. } => {
+                    // Aim at an owned VF (most advances would otherwise hit a Free one and the
+                    // walk would rarely get past Reserved).
+                    let owned: Vec<u8> = (0..N_VF)
+                        .filter(|i| node.live.get(&pci(*i)).is_some_and(|s| s.lease().is_some()))
+                        .collect();
+                    let vf = if owned.is_empty() { vf } else { &owned[usize::from(*vf) % owned.len()] };
                     match node.live.get(&pci(*vf)) {
                         Some(state) if state.effective_lease().is_some() => {
                             let token = state.effective_lease().map_or(0, |l| l.token);
                             // Mostly a step that is legal from here, so runs reach deep states;
                             // sometimes any step, to exercise the refusals.
                             let legal = legal_steps(state.kind());
-                            let n = if *s < 6 && !legal.is_empty() { legal[usize::from(*s) % legal.len()] } else { *s };
+                            let n = if *s < 10 && !legal.is_empty() { legal[usize::from(*s) % legal.len()] } else { *s };
                             vec![node.live.plan_advance(pci(*vf), token, step(n, clock))]
                         }
                         _ => vec![],
