@@ -410,7 +410,7 @@ async fn run<B: PluginBackend>(
 ) {
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     let resource = backend.resource_name().to_owned();
-    while !cancel.is_cancelled() {
+    'sessions: while !cancel.is_cancelled() {
         let mode = config.effective_mode();
         tracing::debug!(resource, ?mode, "starting device plugin session");
         let end = session(
@@ -438,9 +438,27 @@ async fn run<B: PluginBackend>(
                 bump(&metrics.registrations_failed);
                 let delay = backoff.step();
                 tracing::warn!(resource, error = %err, retry_in = ?delay, "device plugin registration failed");
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    () = tokio::time::sleep(delay) => {}
+                // Sleep out the backoff, but retry at once when a new kubelet.sock appears (a
+                // restarted kubelet), so a long backoff never delays re-registration.
+                let kubelet_sock = config.kubelet_socket();
+                let before = uds::socket_id(&kubelet_sock);
+                let deadline = Instant::now() + delay;
+                loop {
+                    let step = config
+                        .poll_interval
+                        .min(deadline.saturating_duration_since(Instant::now()));
+                    if step.is_zero() {
+                        break;
+                    }
+                    tokio::select! {
+                        () = cancel.cancelled() => break 'sessions,
+                        () = tokio::time::sleep(step) => {}
+                    }
+                    let now = uds::socket_id(&kubelet_sock);
+                    if mode == RegistrationMode::Legacy && now.is_some() && now != before {
+                        tracing::info!(resource, "kubelet.sock re-created; retrying now");
+                        break;
+                    }
                 }
             }
         }

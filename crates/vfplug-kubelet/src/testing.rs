@@ -432,11 +432,14 @@ impl FakeKubelet {
         timeout: Duration,
         pred: impl Fn(&Snapshot) -> bool,
     ) -> Result<Snapshot, FakeError> {
+        // Newest first, cloning only the match: snapshots of 2048 devices add up.
         let find = |k: &Self| {
-            k.snapshots(resource)
-                .into_iter()
+            lock(&k.shared.snapshots)
+                .iter()
                 .rev()
-                .find(|s| after.is_none_or(|a| s.at >= a) && pred(s))
+                .take_while(|s| after.is_none_or(|a| s.at >= a))
+                .find(|s| s.resource == resource && pred(s))
+                .cloned()
         };
         self.wait_until(&format!("snapshot of {resource}"), timeout, |k| {
             find(k).is_some()

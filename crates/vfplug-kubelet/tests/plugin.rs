@@ -551,3 +551,45 @@ async fn stale_socket_from_a_previous_run_is_replaced() {
     cancel.cancel();
     h.join().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_kubelet_socket_cuts_a_long_backoff_short() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let b = backend(2);
+    let cancel = CancellationToken::new();
+    let mut cfg = config(dir.path(), RegistrationMode::Legacy);
+    cfg.backoff_initial = Duration::from_secs(2);
+    cfg.backoff_max = Duration::from_secs(8);
+    let h = spawn_plugin(cfg, b.clone(), cancel.clone());
+    kubelet.wait_registrations(1, WAIT).await.unwrap();
+
+    // The kubelet dies and leaves its socket file behind: every Register now fails and the
+    // backoff grows (2 s, 4 s, ...).
+    kubelet.stop();
+    drop(
+        std::os::unix::net::UnixListener::bind(dir.path().join("device-plugins/kubelet.sock"))
+            .unwrap(),
+    );
+    let metrics = h.metrics();
+    tokio::time::timeout(WAIT, async {
+        while metrics.snapshot().registrations_failed < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("registration failures with backoff");
+    assert!(!*h.registered().borrow());
+
+    // The kubelet comes back: registration must not wait out the (now 4 s) backoff.
+    let t0 = Instant::now();
+    kubelet.start_again().unwrap();
+    kubelet
+        .wait_registrations(2, Duration::from_millis(1500))
+        .await
+        .expect("re-registered well before the backoff expired");
+    println!("kubelet back -> re-registered after {:?}", t0.elapsed());
+    cancel.cancel();
+    h.join().await;
+}
