@@ -193,6 +193,10 @@ pub struct PluginConfig {
     pub register_timeout: Duration,
     /// How long no ListAndWatch stream may be open, after one was, before we register again.
     pub stream_lost_grace: Duration,
+    /// The kubelet dir as the kubelet itself sees it, when vfplugd mounts it elsewhere (e.g.
+    /// `/host/var/lib/kubelet`). Used for `PluginInfo.endpoint`, a full path the kubelet dials.
+    /// `None`: same as `kubelet_dir`.
+    pub kubelet_dir_on_host: Option<PathBuf>,
 }
 
 impl PluginConfig {
@@ -208,7 +212,17 @@ impl PluginConfig {
             backoff_max: Duration::from_secs(5),
             register_timeout: Duration::from_secs(15),
             stream_lost_grace: Duration::from_secs(2),
+            kubelet_dir_on_host: None,
         }
+    }
+
+    /// `PluginInfo.endpoint` in plugins_registry mode: our socket's path as the kubelet sees it.
+    pub fn advertised_endpoint(&self) -> PathBuf {
+        let dir = self
+            .kubelet_dir_on_host
+            .as_ref()
+            .unwrap_or(&self.kubelet_dir);
+        dir.join(PLUGINS_REGISTRY_DIR).join(self.socket_name())
     }
 
     /// Socket file name, `vfplug-<pool>.sock`, with characters unsafe in a file name replaced.
@@ -271,6 +285,7 @@ pub struct PluginMetrics {
     allocations_ok: AtomicU64,
     allocations_failed: AtomicU64,
     snapshots_sent: AtomicU64,
+    open_streams: AtomicU64,
 }
 
 /// A point-in-time copy of [`PluginMetrics`].
@@ -288,6 +303,8 @@ pub struct MetricsSnapshot {
     pub allocations_failed: u64,
     /// ListAndWatch snapshots sent (all streams).
     pub snapshots_sent: u64,
+    /// ListAndWatch streams open now (readiness: registered and at least one stream open).
+    pub open_streams: u64,
 }
 
 impl PluginMetrics {
@@ -300,6 +317,7 @@ impl PluginMetrics {
             allocations_ok: self.allocations_ok.load(Ordering::Relaxed),
             allocations_failed: self.allocations_failed.load(Ordering::Relaxed),
             snapshots_sent: self.snapshots_sent.load(Ordering::Relaxed),
+            open_streams: self.open_streams.load(Ordering::Relaxed),
         }
     }
 }
@@ -473,20 +491,22 @@ struct SessionShared {
     streams_opened: AtomicU64,
 }
 
-/// Decrements the active-stream count when a ListAndWatch stream's task ends.
-struct StreamGuard(Arc<SessionShared>);
+/// Decrements the active-stream counts when a ListAndWatch stream's task ends.
+struct StreamGuard(Arc<SessionShared>, Arc<PluginMetrics>);
 
 impl StreamGuard {
-    fn new(shared: Arc<SessionShared>) -> Self {
+    fn new(shared: Arc<SessionShared>, metrics: Arc<PluginMetrics>) -> Self {
         shared.active_streams.fetch_add(1, Ordering::SeqCst);
         shared.streams_opened.fetch_add(1, Ordering::SeqCst);
-        Self(shared)
+        metrics.open_streams.fetch_add(1, Ordering::Relaxed);
+        Self(shared, metrics)
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.active_streams.fetch_sub(1, Ordering::SeqCst);
+        self.1.open_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -545,7 +565,7 @@ async fn session<B: PluginBackend>(
             info: preg::PluginInfo {
                 r#type: PLUGIN_TYPE_DEVICE_PLUGIN.to_owned(),
                 name: resource.clone(),
-                endpoint: sock.to_string_lossy().into_owned(),
+                endpoint: config.advertised_endpoint().to_string_lossy().into_owned(),
                 supported_versions: vec![DEVICE_PLUGIN_VERSION.to_owned()],
             },
             status: status_tx,
@@ -795,7 +815,7 @@ impl<B: PluginBackend> dp::device_plugin_server::DevicePlugin for DevicePluginSe
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
         let mut devices = self.backend.devices();
-        let guard = StreamGuard::new(Arc::clone(&self.shared));
+        let guard = StreamGuard::new(Arc::clone(&self.shared), Arc::clone(&self.metrics));
         let session = self.session.clone();
         let metrics = Arc::clone(&self.metrics);
         let debounce = self.debounce;
@@ -951,5 +971,125 @@ impl preg::registration_server::Registration for RegistryService {
             );
         }
         Ok(Response::new(preg::RegistrationStatusResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+    impl PluginBackend for Fixed {
+        fn resource_name(&self) -> &str {
+            "a.io/b"
+        }
+        fn devices(&self) -> watch::Receiver<Vec<PluginDevice>> {
+            watch::channel(Vec::new()).1
+        }
+        fn allocate(&self, _req: &[Vec<String>]) -> Result<Vec<ContainerAlloc>, AllocError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn default_preferred_keeps_must_include_and_size() {
+        let avail = ids(&["a", "b", "c", "d"]);
+        assert_eq!(Fixed.preferred(&avail, &ids(&["c"]), 2), ids(&["c", "a"]));
+        assert_eq!(Fixed.preferred(&avail, &[], 0), Vec::<String>::new());
+        // Never duplicates, never more than available.
+        assert_eq!(
+            Fixed.preferred(&avail, &ids(&["a"]), 10),
+            ids(&["a", "b", "c", "d"])
+        );
+        // must_include wins even over size.
+        assert_eq!(
+            Fixed.preferred(&avail, &ids(&["d", "c"]), 1),
+            ids(&["d", "c"])
+        );
+    }
+
+    #[test]
+    fn alloc_errors_map_to_grpc_codes_naming_the_device() {
+        let s: Status = AllocError::UnknownDevice("0000:01:00.1".into()).into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().contains("0000:01:00.1"));
+        let s: Status = AllocError::Unavailable {
+            id: "0000:01:00.2".into(),
+            reason: "reserved".into(),
+        }
+        .into();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().contains("0000:01:00.2"));
+        let s: Status = AllocError::Internal("x".into()).into();
+        assert_eq!(s.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn backoff_doubles_to_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let seq: Vec<u128> = (0..5).map(|_| b.step().as_millis()).collect();
+        assert_eq!(seq, [100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.step(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn socket_names_and_paths() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut c = PluginConfig::new("pool/a b", dir.path());
+        assert_eq!(c.socket_name(), "vfplug-pool_a_b.sock");
+        assert_eq!(c.effective_mode(), RegistrationMode::Legacy);
+        assert_eq!(
+            c.socket_path(RegistrationMode::Legacy),
+            dir.path().join("device-plugins/vfplug-pool_a_b.sock")
+        );
+        std::fs::create_dir(dir.path().join("plugins_registry")).expect("mkdir");
+        assert_eq!(c.effective_mode(), RegistrationMode::PluginsRegistry);
+        assert_eq!(
+            c.socket_path(RegistrationMode::PluginsRegistry),
+            dir.path().join("plugins_registry/vfplug-pool_a_b.sock")
+        );
+        assert_eq!(
+            c.advertised_endpoint(),
+            dir.path().join("plugins_registry/vfplug-pool_a_b.sock")
+        );
+        c.kubelet_dir_on_host = Some(PathBuf::from("/var/lib/kubelet"));
+        assert_eq!(
+            c.advertised_endpoint(),
+            Path::new("/var/lib/kubelet/plugins_registry/vfplug-pool_a_b.sock")
+        );
+        c.mode = RegistrationMode::Legacy;
+        assert_eq!(c.effective_mode(), RegistrationMode::Legacy);
+        assert_eq!(
+            c.kubelet_socket(),
+            dir.path().join("device-plugins/kubelet.sock")
+        );
+    }
+
+    #[test]
+    fn snapshot_conversion() {
+        let resp = to_list_and_watch(&[
+            PluginDevice {
+                id: "x".into(),
+                healthy: true,
+                numa_node: Some(1),
+            },
+            PluginDevice {
+                id: "y".into(),
+                healthy: false,
+                numa_node: None,
+            },
+        ]);
+        assert_eq!(resp.devices[0].health, HEALTHY);
+        assert_eq!(
+            resp.devices[0].topology.as_ref().map(|t| t.nodes[0].id),
+            Some(1)
+        );
+        assert_eq!(resp.devices[1].health, UNHEALTHY);
+        assert!(resp.devices[1].topology.is_none());
     }
 }

@@ -85,6 +85,7 @@ async fn legacy_registration_sends_snapshot_at_once() {
     let topo = snap.devices[0].topology.clone().expect("topology");
     assert_eq!(topo.nodes[0].id, 0);
     assert_eq!(h.metrics().snapshot().registrations_ok, 1);
+    assert_eq!(h.metrics().snapshot().open_streams, 1);
 
     cancel.cancel();
     h.join().await;
@@ -520,10 +521,12 @@ async fn cancellation_stops_everything_and_removes_socket() {
     wait_registered(&mut reg, true).await;
     let sock = dir.path().join("device-plugins/vfplug-pool0.sock");
     assert!(sock.exists());
+    let h_metrics = h.metrics();
     cancel.cancel();
     tokio::time::timeout(WAIT, h.join()).await.expect("join");
     assert!(!sock.exists());
     assert!(!*reg.borrow());
+    assert_eq!(h_metrics.snapshot().open_streams, 0);
     // The kubelet's stream ended too: no more snapshots arrive after a change.
     let n = kubelet.snapshots(RES).len();
     b.set_health("0000:10:00.0", false);
