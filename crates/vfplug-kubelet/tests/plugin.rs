@@ -596,3 +596,48 @@ async fn new_kubelet_socket_cuts_a_long_backoff_short() {
     cancel.cancel();
     h.join().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_restart_in_plugins_registry_mode_reregisters() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start_with(
+        dir.path(),
+        FakeKubeletOptions {
+            legacy: true,
+            plugins_registry: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let b = backend(3);
+    let cancel = CancellationToken::new();
+    let h = spawn_plugin(
+        config(dir.path(), RegistrationMode::Auto),
+        b.clone(),
+        cancel.clone(),
+    );
+    kubelet.wait_registrations(1, WAIT).await.unwrap();
+
+    let t0 = Instant::now();
+    kubelet.restart().unwrap();
+    kubelet.wait_registrations(2, WAIT).await.unwrap();
+    let regs = kubelet.registrations();
+    assert!(
+        regs.iter()
+            .all(|r| r.path == RegistrationPath::PluginsRegistry)
+    );
+    println!(
+        "plugins_registry: kubelet restart -> re-registered after {:?}",
+        regs[1].at - t0
+    );
+    kubelet
+        .wait_snapshot(RES, Some(t0), WAIT, |s| s.devices.len() == 3)
+        .await
+        .unwrap();
+    let mut reg = h.registered();
+    wait_registered(&mut reg, true).await;
+    cancel.cancel();
+    h.join().await;
+}
