@@ -626,3 +626,30 @@ async fn waiter_predicate_may_call_back_into_the_handle() {
     drop(qmp);
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn wait_event_times_out_with_none_then_sees_later_event() {
+    let (qmp, server) = Script::new()
+        .expect("system_reset")
+        .event(
+            "RESET",
+            json!({"guest": false, "reason": "host-qmp-system-reset"}),
+        )
+        .ok()
+        .connect()
+        .await
+        .unwrap();
+    let is_reset = |e: &Event| matches!(e, Event::Reset { .. });
+    assert_eq!(qmp.wait_event(is_reset, SHORT).await.unwrap(), None);
+    let waiter = qmp.event_waiter(is_reset);
+    qmp.system_reset().await.unwrap();
+    assert_eq!(
+        waiter.wait(LONG).await.unwrap(),
+        Some(Event::Reset {
+            guest: false,
+            reason: "host-qmp-system-reset".into()
+        })
+    );
+    drop(qmp);
+    server.await.unwrap().unwrap();
+}
