@@ -26,7 +26,7 @@ use vfplug_core::{
 };
 use vfplug_host::driver::{DriverBinder, SysfsDriverBinder, VFIO_PCI};
 use vfplug_host::sysfs::SysfsInventory;
-use vfplug_host::watch::{WatchConfig, spawn_watcher};
+use vfplug_host::watch::{HostEvent, WatchConfig, spawn_watcher};
 use vfplug_kubelet::plugin::{
     AllocError, ContainerAlloc, PluginBackend, PluginConfig, PluginDevice, PluginHandle,
     RegistrationMode, spawn_plugin,
@@ -267,19 +267,29 @@ async fn run(
                     // The watcher only ends on cancellation.
                     break;
                 };
-                debug!(?ev, "host event");
-                // Every event, carrier changes included, ends in one rescan: a scan of 2048 VFs
-                // costs a few milliseconds, and one code path keeps the view consistent.
-                while let Ok(more) = host_events.try_recv() {
-                    debug!(ev = ?more, "host event (coalesced)");
-                }
-                match rescan_inventory(&shared).await {
-                    Ok(()) => {
-                        push_devices(&shared, &pools);
-                        bind_vfio_where_configured(&shared).await;
+                // Carrier flips only change health: apply them in memory at once (the health
+                // path must reach the kubelet fast). Anything else ends in one rescan for the
+                // whole burst.
+                let mut rescan = false;
+                let mut pending = Some(ev);
+                while let Some(ev) = pending.take().or_else(|| host_events.try_recv().ok()) {
+                    match ev {
+                        HostEvent::CarrierChanged { pf_netdev, up } => {
+                            set_carrier(&shared, &pf_netdev, up);
+                        }
+                        other => {
+                            debug!(ev = ?other, "host event");
+                            rescan = true;
+                        }
                     }
-                    Err(e) => warn!(error = %e, "inventory rescan failed; keeping the last one"),
                 }
+                if rescan {
+                    match rescan_inventory(&shared).await {
+                        Ok(()) => bind_vfio_where_configured(&shared).await,
+                        Err(e) => warn!(error = %e, "inventory rescan failed; keeping the last one"),
+                    }
+                }
+                push_devices(&shared, &pools);
             }
             changed = podres_state.changed() => {
                 if changed.is_err() {
@@ -320,6 +330,17 @@ async fn run(
         warn!(error = %e, "final ledger sync failed");
     }
     Ok(())
+}
+
+/// Records a PF carrier change reported by the watcher (the next scan reads it from sysfs too).
+fn set_carrier(shared: &Shared, pf_netdev: &str, up: bool) {
+    let mut st = lock(&shared.state);
+    for pf in st.inventory.pfs.values_mut() {
+        if pf.netdev.as_deref() == Some(pf_netdev) && pf.carrier != Some(up) {
+            info!(pf = %pf.pci, netdev = pf_netdev, up, "PF carrier changed");
+            pf.carrier = Some(up);
+        }
+    }
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
