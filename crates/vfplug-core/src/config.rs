@@ -42,6 +42,20 @@
 //! [`Config::from_sriovdp_json_strict`]). See [`Config::from_sriovdp_json`] for the mapping.
 //!
 //! Which VF goes to which pool: see [`crate::selector`].
+//!
+//! ```
+//! use vfplug_core::{Config, ConfigFormat, DeviceMode};
+//!
+//! let dp = r#"{"resourceList": [{"resourceName": "dpdk",
+//!              "selectors": {"vendors": ["8086"], "drivers": ["vfio-pci"], "IsRdma": false}}]}"#;
+//! let cfg = Config::parse(dp).unwrap();
+//! assert_eq!(cfg.format, ConfigFormat::SriovDp);
+//! assert_eq!(cfg.resource_name(&cfg.pools[0]), "intel.com/dpdk");
+//! assert_eq!(cfg.pools[0].device_mode, DeviceMode::Vfio);
+//!
+//! let err = Config::parse("pools:\n  - name: a\n    selectors: { vendor: [\"8086\"] }\n").unwrap_err();
+//! assert_eq!(err.path, "pools[0].selectors.vendor");
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
