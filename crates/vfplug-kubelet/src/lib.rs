@@ -8,6 +8,56 @@
 //! - [`podresources`]: client and poller of the kubelet's PodResources v1 API.
 //! - [`api`]: the generated kubelet protocol types (from `proto/kubelet`).
 //! - `testing` (cargo feature `testing`): an in-process fake kubelet for tests.
+//!
+//! ```no_run
+//! use std::collections::BTreeMap;
+//! use std::sync::Arc;
+//! use tokio::sync::watch;
+//! use tokio_util::sync::CancellationToken;
+//! use vfplug_kubelet::sriov::{self, SriovAllocParams, SriovDevice};
+//! use vfplug_kubelet::{AllocError, ContainerAlloc, PluginBackend, PluginConfig, PluginDevice};
+//!
+//! struct Pool {
+//!     params: SriovAllocParams,
+//!     resource: String,
+//!     devices: watch::Sender<Vec<PluginDevice>>,
+//!     vfs: BTreeMap<String, SriovDevice>,
+//! }
+//!
+//! impl PluginBackend for Pool {
+//!     fn resource_name(&self) -> &str {
+//!         &self.resource
+//!     }
+//!     fn devices(&self) -> watch::Receiver<Vec<PluginDevice>> {
+//!         self.devices.subscribe()
+//!     }
+//!     fn allocate(&self, req: &[Vec<String>]) -> Result<Vec<ContainerAlloc>, AllocError> {
+//!         req.iter()
+//!             .map(|ids| {
+//!                 let devs = ids
+//!                     .iter()
+//!                     .map(|id| self.vfs.get(id).cloned().ok_or_else(|| AllocError::UnknownDevice(id.clone())))
+//!                     .collect::<Result<Vec<_>, _>>()?;
+//!                 // Record KubeletAllocated in the ledger and write device-info files here.
+//!                 sriov::container_alloc(&self.params, &devs).map_err(|e| AllocError::Internal(e.to_string()))
+//!             })
+//!             .collect()
+//!     }
+//! }
+//!
+//! # async fn example(pool: Pool) {
+//! let cancel = CancellationToken::new();
+//! let handle = vfplug_kubelet::spawn_plugin(
+//!     PluginConfig::new("pool0", "/var/lib/kubelet"),
+//!     Arc::new(pool),
+//!     cancel.clone(),
+//! );
+//! let ready = handle.registered(); // for /readyz
+//! # drop(ready);
+//! cancel.cancel();
+//! handle.join().await; // socket removed
+//! # }
+//! ```
 
 pub mod api;
 pub mod plugin;
