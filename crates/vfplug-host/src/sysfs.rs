@@ -14,6 +14,7 @@
 //! whose mandatory attributes cannot be read is skipped with a warning. Only an unreadable
 //! `bus/pci/devices` fails the whole scan.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
@@ -27,12 +28,21 @@ use crate::HostError;
 #[derive(Clone, Debug)]
 pub struct SysfsInventory {
     root: PathBuf,
+    threads: usize,
 }
 
 impl SysfsInventory {
     /// `root` stands for `/sys` (a fake tree in tests).
+    /// Large inventories are read with up to `available_parallelism` (at most 8) threads.
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        Self { root, threads }
+    }
+
+    /// Sets the maximum number of reader threads (1: scan on the calling thread only).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
     }
 
     /// The sysfs root this reads.
@@ -50,7 +60,7 @@ impl SysfsInventory {
             path: devices.clone(),
             source,
         })?;
-        let mut inv = Inventory::default();
+        let mut addrs = Vec::new();
         for entry in entries {
             let entry = match entry {
                 Ok(e) => e,
@@ -60,11 +70,22 @@ impl SysfsInventory {
                 }
             };
             let name = entry.file_name();
-            let Some(pci) = name.to_str().and_then(|n| n.parse::<PciAddress>().ok()) else {
-                debug!(name = ?name, "not a PCI address under bus/pci/devices; skipping");
+            match name.to_str().and_then(|n| n.parse::<PciAddress>().ok()) {
+                Some(pci) => addrs.push(pci),
+                None => debug!(name = ?name, "not a PCI address under bus/pci/devices; skipping"),
+            }
+        }
+        // In PCI order a PF comes before its VFs (VF routing ID = PF's + offset + i * stride,
+        // offset >= 1), so VFs are already known when we reach them and need no PF probe:
+        // that saves one failed open per VF.
+        addrs.sort_unstable();
+        let mut known_vfs: HashSet<PciAddress> = HashSet::new();
+        let mut jobs = Vec::new();
+        for pci in addrs {
+            if known_vfs.contains(&pci) {
                 continue;
-            };
-            let link = entry.path();
+            }
+            let link = devices.join(pci.to_string());
             // Cheapest PF test: one open of `sriov_totalvfs`; NotFound means "not a PF".
             let total = match read_u32(&link.join("sriov_totalvfs")) {
                 Ok(n) => n,
@@ -74,97 +95,168 @@ impl SysfsInventory {
                     continue;
                 }
             };
-            match self.scan_pf(pci, &link, total, &mut inv) {
-                Ok(()) => {}
+            match read_pf(pci, &link, total) {
+                Ok(Some(job)) => {
+                    known_vfs.extend(
+                        job.virtfns
+                            .iter()
+                            .filter_map(|(_, t)| vf_name(t)?.parse::<PciAddress>().ok()),
+                    );
+                    jobs.push(job);
+                }
+                Ok(None) => {}
                 Err(e) if e.is_not_found() => {
                     debug!(pf = %pci, error = %e, "PF vanished during scan; skipping")
                 }
                 Err(e) => warn!(pf = %pci, error = %e, "broken PF; skipping"),
             }
         }
-        Ok(inv)
-    }
 
-    /// Reads one PF and all its VFs into `inv`. Errors concern the PF itself; VF problems are
-    /// logged and the VF skipped.
-    fn scan_pf(
-        &self,
-        pci: PciAddress,
-        link: &Path,
-        total_vfs: u32,
-        inv: &mut Inventory,
-    ) -> Result<(), HostError> {
-        // Resolve `bus/pci/devices/<bdf>` once to the real directory, so that every VF path
-        // below is a plain path (no symlink walk per attribute). The link target is relative
-        // (`../../../devices/...`) and `bus/pci/devices` is a real directory, so a lexical
-        // join is exact.
-        let dir = resolve_link(link)?;
-        let num_vfs = read_u32(&dir.join("sriov_numvfs"))?;
-        let vendor = read_hex_id(&dir.join("vendor"))?;
-        let device = read_hex_id(&dir.join("device"))?;
-        let driver = read_link_name(&dir.join("driver"))?;
-        let numa_node = read_numa(&dir.join("numa_node"))?;
-        let netdev = list_names(&dir.join("net"))?.into_iter().next();
-        let (link_type, carrier) = match &netdev {
-            Some(ifname) => {
-                let net = dir.join("net").join(ifname);
-                let link_type = match read_u32(&net.join("type")) {
-                    Ok(n) => LinkType::from_arphrd(n),
-                    Err(e) => {
-                        debug!(pf = %pci, error = %e, "no link type; assuming other");
-                        LinkType::Other
-                    }
-                };
-                (link_type, read_carrier(&net.join("carrier")))
-            }
-            None => (LinkType::Other, None),
-        };
-
-        let virtfns = list_virtfns(&dir)?;
-        if total_vfs == 0 && virtfns.is_empty() {
-            debug!(pf = %pci, "sriov_totalvfs is 0; not an SR-IOV PF");
-            return Ok(());
-        }
-        let pf = PfInfo {
-            pci,
-            netdev,
-            vendor,
-            device,
-            driver,
-            total_vfs,
-            num_vfs,
-            numa_node,
-            link_type,
-            carrier,
-        };
-        let parent = dir.parent().unwrap_or(&dir).to_path_buf();
-        for (index, target) in virtfns {
-            match scan_vf(&pf, index, &dir, &parent, &target) {
-                Ok(vf) => {
-                    inv.vfs.insert(vf.pci, vf);
+        // The VFs are the bulk of the work (about ten syscalls each, mostly path lookups), and
+        // independent: spread them over a few threads when there are many.
+        let work: Vec<(&PfJob, u32, &Path)> = jobs
+            .iter()
+            .flat_map(|j| j.virtfns.iter().map(move |(i, t)| (j, *i, t.as_path())))
+            .collect();
+        let threads = self.threads.min(work.len() / VFS_PER_THREAD).max(1);
+        let vfs: Vec<VfInfo> = if threads == 1 {
+            read_vfs(&work)
+        } else {
+            let chunk = work.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = work
+                    .chunks(chunk)
+                    .map(|c| s.spawn(move || read_vfs(c)))
+                    .collect();
+                let mut all = Vec::with_capacity(work.len());
+                for h in handles {
+                    // A panic in a reader is a bug: let it propagate, never lose VFs silently.
+                    all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
                 }
-                Err(e) if e.is_not_found() => {
-                    debug!(pf = %pci, index, error = %e, "VF vanished during scan; skipping")
-                }
-                Err(e) => warn!(pf = %pci, index, error = %e, "unreadable VF; skipping"),
-            }
-        }
-        inv.pfs.insert(pci, pf);
-        Ok(())
+                all
+            })
+        };
+        Ok(Inventory {
+            vfs: vfs.into_iter().map(|v| (v.pci, v)).collect(),
+            pfs: jobs.into_iter().map(|j| (j.pf.pci, j.pf)).collect(),
+        })
     }
+}
+
+/// Below this many VFs per thread, threads cost more than they save.
+const VFS_PER_THREAD: usize = 256;
+
+/// A PF read, with what its VFs need.
+#[derive(Debug)]
+struct PfJob {
+    pf: PfInfo,
+    /// (vendor, device) for all VFs, from `sriov_vf_device`; `None` on older kernels.
+    ids: Option<(String, String)>,
+    dir: PathBuf,
+    parent: PathBuf,
+    virtfns: Vec<(u32, PathBuf)>,
+}
+
+/// Reads VFs, logging and skipping those that vanished or are unreadable.
+fn read_vfs(work: &[(&PfJob, u32, &Path)]) -> Vec<VfInfo> {
+    let mut out = Vec::with_capacity(work.len());
+    for (job, index, target) in work {
+        let pf = job.pf.pci;
+        match scan_vf(
+            &job.pf,
+            job.ids.as_ref(),
+            *index,
+            &job.dir,
+            &job.parent,
+            target,
+        ) {
+            Ok(vf) => out.push(vf),
+            Err(e) if e.is_not_found() => {
+                debug!(%pf, index, error = %e, "VF vanished during scan; skipping")
+            }
+            Err(e) => warn!(%pf, index, error = %e, "unreadable VF; skipping"),
+        }
+    }
+    out
+}
+
+fn vf_name(target: &Path) -> Option<&str> {
+    target.file_name()?.to_str()
+}
+
+/// Reads one PF and lists its `virtfnN` links. `Ok(None)`: not an SR-IOV PF after all.
+fn read_pf(pci: PciAddress, link: &Path, total_vfs: u32) -> Result<Option<PfJob>, HostError> {
+    // Resolve `bus/pci/devices/<bdf>` once to the real directory, so that every VF path
+    // below is a plain path (no symlink walk per attribute). The link target is relative
+    // (`../../../devices/...`) and `bus/pci/devices` is a real directory, so a lexical
+    // join is exact.
+    let dir = resolve_link(link)?;
+    let num_vfs = read_u32(&dir.join("sriov_numvfs"))?;
+    let vendor = read_hex_id(&dir.join("vendor"))?;
+    let device = read_hex_id(&dir.join("device"))?;
+    let driver = read_link_name(&dir.join("driver"))?;
+    let numa_node = read_numa(&dir.join("numa_node"))?;
+    let netdev = list_names(&dir.join("net"))?.into_iter().next();
+    let (link_type, carrier) = match &netdev {
+        Some(ifname) => {
+            let net = dir.join("net").join(ifname);
+            let link_type = match read_u32(&net.join("type")) {
+                Ok(n) => LinkType::from_arphrd(n),
+                Err(e) => {
+                    debug!(pf = %pci, error = %e, "no link type; assuming other");
+                    LinkType::Other
+                }
+            };
+            (link_type, read_carrier(&net.join("carrier")))
+        }
+        None => (LinkType::Other, None),
+    };
+
+    // The kernel gives every VF the PF's vendor and the SR-IOV capability's VF device ID
+    // (`sriov_vf_device`, Linux >= 5.8), so one read here saves two per VF. Older kernels:
+    // read each VF's own files.
+    let ids = match read_hex_id(&dir.join("sriov_vf_device")) {
+        Ok(d) => Some((vendor.clone(), d)),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e),
+    };
+    let virtfns = list_virtfns(&dir)?;
+    if total_vfs == 0 && virtfns.is_empty() {
+        debug!(pf = %pci, "sriov_totalvfs is 0; not an SR-IOV PF");
+        return Ok(None);
+    }
+    let pf = PfInfo {
+        pci,
+        netdev,
+        vendor,
+        device,
+        driver,
+        total_vfs,
+        num_vfs,
+        numa_node,
+        link_type,
+        carrier,
+    };
+    let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+    Ok(Some(PfJob {
+        pf,
+        ids,
+        dir,
+        parent,
+        virtfns,
+    }))
 }
 
 /// Reads one VF. `target` is the `virtfnN` link target (`../0000:3b:01.0`).
 fn scan_vf(
     pf: &PfInfo,
+    ids: Option<&(String, String)>,
     index: u32,
     pf_dir: &Path,
     parent: &Path,
     target: &Path,
 ) -> Result<VfInfo, HostError> {
-    let name = target
-        .file_name()
-        .and_then(|n| n.to_str())
+    let name = vf_name(target)
         .ok_or_else(|| parse_err(pf_dir, target.display().to_string(), "virtfn target"))?;
     let pci: PciAddress = name.parse().map_err(|_| {
         parse_err(
@@ -180,8 +272,24 @@ fn scan_vf(
     } else {
         normalize(&pf_dir.join(target))
     };
-    let vendor = read_hex_id(&dir.join("vendor"))?;
-    let device = read_hex_id(&dir.join("device"))?;
+    // numa_node comes first: it exists on every device of a NUMA kernel, so its NotFound is
+    // the cheap "this VF just vanished" signal that skips the VF.
+    let numa_node = match read_numa(&dir.join("numa_node")) {
+        Ok(n) => n.or(pf.numa_node),
+        // Kernels without CONFIG_NUMA have no numa_node: tell that from a vanished VF.
+        Err(e) if e.is_not_found() => {
+            fs::symlink_metadata(&dir).map_err(|e| HostError::io("stat", &dir, e))?;
+            pf.numa_node
+        }
+        Err(e) => return Err(e),
+    };
+    let (vendor, device) = match ids {
+        Some((v, d)) => (v.clone(), d.clone()),
+        None => (
+            read_hex_id(&dir.join("vendor"))?,
+            read_hex_id(&dir.join("device"))?,
+        ),
+    };
     let driver = read_link_name(&dir.join("driver"))?;
     let iommu_group =
         match read_link_name(&dir.join("iommu_group"))? {
@@ -190,12 +298,11 @@ fn scan_vf(
             })?),
             None => None,
         };
-    let numa_node = match read_numa(&dir.join("numa_node")) {
-        Ok(n) => n.or(pf.numa_node),
-        Err(e) if e.is_not_found() => pf.numa_node,
-        Err(e) => return Err(e),
+    // Drivers that never create netdevs: skip the directory listing (4 syscalls per VF).
+    let netdevs = match driver.as_deref() {
+        None | Some("vfio-pci" | "uio_pci_generic" | "igb_uio" | "pci-stub") => Vec::new(),
+        Some(_) => list_names(&dir.join("net"))?,
     };
-    let netdevs = list_names(&dir.join("net"))?;
     Ok(VfInfo {
         pci,
         pf: pf.pci,
@@ -275,22 +382,17 @@ pub(crate) fn normalize(path: &Path) -> PathBuf {
 pub(crate) fn read_small(path: &Path) -> Result<String, HostError> {
     let mut file = File::open(path).map_err(|e| HostError::io("read", path, e))?;
     let mut buf = [0u8; 256];
-    let mut len = 0;
-    loop {
-        let n = file
-            .read(&mut buf[len..])
-            .map_err(|e| HostError::io("read", path, e))?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-        if len == buf.len() {
-            return Err(parse_err(
-                path,
-                String::from_utf8_lossy(&buf).into_owned(),
-                "too long",
-            ));
-        }
+    // One read: sysfs returns a whole attribute on the first read at offset 0, and a regular
+    // file (fixtures) this small is returned whole as well. Saves a syscall per attribute.
+    let len = file
+        .read(&mut buf)
+        .map_err(|e| HostError::io("read", path, e))?;
+    if len == buf.len() {
+        return Err(parse_err(
+            path,
+            String::from_utf8_lossy(&buf).into_owned(),
+            "too long",
+        ));
     }
     let s = std::str::from_utf8(&buf[..len]).map_err(|_| {
         parse_err(

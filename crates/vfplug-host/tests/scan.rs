@@ -262,6 +262,40 @@ fn vf_numa_minus_one_falls_back_to_the_pf() {
 }
 
 #[test]
+fn vf_ids_come_from_sriov_vf_device_or_else_from_each_vf() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = SysfsBuilder::new(dir.path());
+    b.pf("0000:3b:00.0")
+        .vendor("15b3")
+        .device("1017")
+        .vf_device("1018")
+        .vfs(2, |_| VfSpec::new())
+        .build()
+        .unwrap();
+    let pf_dir = dir.path().join(PCI_PARENT).join("0000:3b:00.0");
+    let inv = SysfsInventory::new(dir.path().into());
+    let ids = |inv: &vfplug_core::Inventory| {
+        let v = &inv.vfs[&pci("0000:3b:01.1")];
+        (v.vendor.clone(), v.device.clone())
+    };
+    assert_eq!(ids(&inv.scan().unwrap()), ("15b3".into(), "1018".into()));
+    // A pre-5.8 kernel has no sriov_vf_device: each VF's own files are read.
+    fs::remove_file(pf_dir.join("sriov_vf_device")).unwrap();
+    fs::write(
+        dir.path().join(PCI_PARENT).join("0000:3b:01.1/device"),
+        "0x101e\n",
+    )
+    .unwrap();
+    assert_eq!(ids(&inv.scan().unwrap()), ("15b3".into(), "101e".into()));
+    // ...and a kernel without CONFIG_NUMA has no numa_node: the PF's (0) is used.
+    fs::remove_file(dir.path().join(PCI_PARENT).join("0000:3b:01.1/numa_node")).unwrap();
+    assert_eq!(
+        inv.scan().unwrap().vfs[&pci("0000:3b:01.1")].numa_node,
+        Some(0)
+    );
+}
+
+#[test]
 fn link_type_comes_from_the_pf_even_when_the_vf_netdev_says_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = SysfsBuilder::new(dir.path());
@@ -365,6 +399,14 @@ fn eight_pfs_of_256_vfs() {
             128
         );
     }
+    // The threaded reader and the single-threaded one see the same inventory.
+    for threads in [1, 3, 8] {
+        let other = SysfsInventory::new(dir.path().into())
+            .with_threads(threads)
+            .scan()
+            .unwrap();
+        assert_eq!(other, inv, "threads = {threads}");
+    }
     let groups: std::collections::BTreeSet<_> = inv.vfs.values().map(|v| v.iommu_group).collect();
     assert_eq!(groups.len(), 2048, "one IOMMU group per VF");
 }
@@ -390,8 +432,8 @@ fn races_skip_the_broken_piece_not_the_scan() {
 
     // VF 1 vanished after its virtfn link was listed: its directory is gone.
     fs::remove_dir_all(dev("0000:3b:01.1")).unwrap();
-    // VF 2 lost an attribute.
-    fs::remove_file(dev("0000:3b:01.2").join("vendor")).unwrap();
+    // VF 2 holds garbage (a half-written attribute).
+    fs::write(dev("0000:3b:01.2").join("numa_node"), "x\n").unwrap();
     // The second PF is broken (garbage in sriov_numvfs).
     fs::write(dev("0000:5e:00.0").join("sriov_numvfs"), "garbage\n").unwrap();
     // A dangling bus/pci/devices entry and a non-PCI name.
