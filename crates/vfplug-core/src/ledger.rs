@@ -475,6 +475,9 @@ const SNAPSHOT_VERSION: u32 = 1;
 pub struct Ledger {
     last_token: Token,
     vfs: BTreeMap<PciAddress, VfState>,
+    /// Owner -> VF, derived from `vfs` (not serialized): keeps `find_by_owner` and the
+    /// one-VF-per-owner check of `apply` O(log n), so replaying a long log is not quadratic.
+    by_owner: BTreeMap<Owner, PciAddress>,
 }
 
 impl From<Ledger> for LedgerSnapshot {
@@ -496,9 +499,18 @@ impl TryFrom<LedgerSnapshot> for Ledger {
                 s.version
             )));
         }
+        let mut by_owner = BTreeMap::new();
+        for (pci, st) in &s.vfs {
+            if let Some(o) = st.owner()
+                && by_owner.insert(o.clone(), *pci).is_some()
+            {
+                return Err(LedgerError::Snapshot(format!("{pci}: {o} holds two VFs")));
+            }
+        }
         let l = Ledger {
             last_token: s.last_token,
             vfs: s.vfs,
+            by_owner,
         };
         l.check_invariants()?;
         Ok(l)
@@ -671,10 +683,8 @@ impl Ledger {
 
     /// The VF an owner holds (at most one), looking through `Missing`.
     pub fn find_by_owner(&self, owner: &Owner) -> Option<(PciAddress, &VfState)> {
-        self.vfs
-            .iter()
-            .find(|(_, s)| s.owner() == Some(owner))
-            .map(|(p, s)| (*p, s))
+        let pci = self.by_owner.get(owner)?;
+        self.vfs.get(pci).map(|s| (*pci, s))
     }
 
     /// All VFs held by a pod (any container, any interface).
@@ -1030,6 +1040,9 @@ impl Ledger {
                 if !matches!(was, VfState::Free | VfState::Missing { .. }) {
                     return Err(illegal(pci, format!("cannot remove a {} VF", was.kind())));
                 }
+                if let Some(o) = was.owner() {
+                    self.by_owner.remove(o);
+                }
                 self.vfs.remove(&pci);
             }
             Record::Set { from, to, .. } => {
@@ -1060,6 +1073,12 @@ impl Ledger {
                 }
                 if let Some(t) = new_token {
                     self.last_token = t;
+                }
+                if let Some(o) = from.owner() {
+                    self.by_owner.remove(o);
+                }
+                if let Some(o) = to.owner() {
+                    self.by_owner.insert(o.clone(), pci);
                 }
                 self.vfs.insert(pci, to.clone());
             }
@@ -1110,6 +1129,20 @@ impl Ledger {
                     )));
                 }
             }
+        }
+        let derived: BTreeMap<&Owner, &PciAddress> = self
+            .vfs
+            .iter()
+            .filter_map(|(p, s)| s.owner().map(|o| (o, p)))
+            .collect();
+        if derived.len() != self.by_owner.len()
+            || derived
+                .iter()
+                .any(|(o, p)| self.by_owner.get(*o) != Some(*p))
+        {
+            return Err(LedgerError::Snapshot(
+                "owner index out of step with the states".into(),
+            ));
         }
         Ok(())
     }
