@@ -29,6 +29,12 @@ bash tests/vmlab/setup.sh
 
 echo "== tests: workspace (VM lab tiers: $TIERS)"
 # The VM lab runs its VMs one at a time; everything else in parallel.
-VMLAB_TIER="" cargo nextest run --workspace --exclude vfplug-vmlab --no-fail-fast
+# Both suites always run, so one failure does not hide the other's results.
+status=0
+VMLAB_TIER="" cargo nextest run --workspace --exclude vfplug-vmlab --no-fail-fast || status=1
 VMLAB_TIER="$TIERS" VMLAB_REQUIRE=1 \
-    cargo nextest run -p vfplug-vmlab --no-capture --no-fail-fast --test-threads 1
+    cargo nextest run -p vfplug-vmlab --no-capture --no-fail-fast --test-threads 1 || status=1
+if [ "$status" != 0 ]; then
+    echo "== some tests FAILED (see above)" >&2
+fi
+exit "$status"
