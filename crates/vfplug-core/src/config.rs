@@ -306,8 +306,13 @@ impl Config {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             ConfigError::new(ConfigErrorKind::Syntax, "", format!("invalid JSON: {e}"))
         })?;
-        let cfg = sriovdp::convert(&value)?;
-        cfg.validate()?;
+        let (cfg, sources) = sriovdp::convert(&value)?;
+        // Report semantic errors in the user's vocabulary: `resourceList[3].resourceName`, not
+        // the native `pools[2].name` (skipped resources shift the pool indexes).
+        cfg.validate().map_err(|mut e| {
+            e.path = sriovdp::source_path(&e.path, &sources);
+            e
+        })?;
         Ok(cfg)
     }
 
@@ -703,7 +708,28 @@ mod sriovdp {
             .then_some("this is a selector: did you mean to put it inside \"selectors\"?")
     }
 
-    pub(super) fn convert(v: &Value) -> Result<Config, ConfigError> {
+    /// Rewrites a native path (`pools[2].selectors[0].drivers`) into the SRIOV-DP source path
+    /// (`resourceList[3].selectors[0].drivers`); `sources[i]` is pool i's resourceList index.
+    pub(super) fn source_path(path: &str, sources: &[usize]) -> String {
+        let Some(rest) = path.strip_prefix("pools[") else {
+            return path.to_owned();
+        };
+        let Some((idx, tail)) = rest.split_once(']') else {
+            return path.to_owned();
+        };
+        let Some(src) = idx.parse::<usize>().ok().and_then(|i| sources.get(i)) else {
+            return path.to_owned();
+        };
+        let tail = match tail {
+            ".name" => ".resourceName",
+            ".prefix" => ".resourcePrefix",
+            t => t,
+        };
+        format!("resourceList[{src}]{tail}")
+    }
+
+    /// The config, and for each pool the index of its resource in `resourceList`.
+    pub(super) fn convert(v: &Value) -> Result<(Config, Vec<usize>), ConfigError> {
         let mut warnings = Vec::new();
         let mut top = Obj::new(String::new(), v)?;
         let list = match top.get("resourceList")? {
@@ -718,17 +744,20 @@ mod sriovdp {
         };
         top.finish(&mut warnings, &|_| None);
         let mut pools = Vec::new();
+        let mut sources = Vec::new();
         for (i, res) in list.iter().enumerate() {
             if let Some(pool) = resource(&format!("resourceList[{i}]"), res, &mut warnings)? {
                 pools.push(pool);
+                sources.push(i);
             }
         }
-        Ok(Config {
+        let cfg = Config {
             resource_prefix: SRIOVDP_DEFAULT_PREFIX.to_owned(),
             pools,
             format: ConfigFormat::SriovDp,
             warnings,
-        })
+        };
+        Ok((cfg, sources))
     }
 
     fn resource(

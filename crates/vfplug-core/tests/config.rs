@@ -96,6 +96,12 @@ fn misplaced_selector_key_is_an_error_in_native_format() {
 }
 
 #[test]
+fn duplicate_yaml_keys_are_errors() {
+    let e = err("pools:\n  - name: a\n    name: b\n    selectors: {}\n");
+    assert!(e.message.contains("duplicate"), "{e}");
+}
+
+#[test]
 fn top_level_unknown_key() {
     let e = err("resourcePrefx: x.io\npools: []\n");
     assert_eq!(e.path, "resourcePrefx");
@@ -403,10 +409,27 @@ fn sriovdp_errors_name_paths() {
         let e = err(text);
         assert_eq!(&e.path, path, "{text}: {e}");
     }
-    // Semantic validation applies to SRIOV-DP configs too (paths are in the native model).
-    let e = err(r#"{"resourceList":[{"resourceName":"a b","selectors":{}}]}"#);
+    // Semantic validation applies to SRIOV-DP configs too, with paths in their vocabulary,
+    // counting resources that were skipped (the auxNetDevice one here).
+    let e = err(
+        r#"{"resourceList":[{"resourceName":"aux","deviceType":"auxNetDevice","selectors":{}},
+                            {"resourceName":"a b","selectors":{}}]}"#,
+    );
     assert_eq!(e.kind, ConfigErrorKind::Invalid);
-    assert_eq!(e.path, "pools[0].name");
+    assert_eq!(e.path, "resourceList[1].resourceName");
+    let e = err(
+        r#"{"resourceList":[{"resourceName":"a","selectors":{}},{"resourceName":"b","resourcePrefix":"Bad","selectors":[{},{"vendors":["x"]}]}]}"#,
+    );
+    assert_eq!(e.path, "resourceList[1].resourcePrefix");
+    let e = err(
+        r#"{"resourceList":[{"resourceName":"a","selectors":{}},{"resourceName":"b","selectors":[{},{"vendors":["x"]}]}]}"#,
+    );
+    assert_eq!(e.path, "resourceList[1].selectors[1].vendors[0]");
+    let e = err(
+        r#"{"resourceList":[{"resourceName":"a","selectors":{}},{"resourceName":"a","selectors":{}}]}"#,
+    );
+    assert_eq!(e.path, "resourceList[1].resourceName");
+    assert!(e.message.contains("duplicate"), "{e}");
     // Broken JSON is reported as JSON.
     let e = err(r#"{"resourceList":[}"#);
     assert_eq!(e.kind, ConfigErrorKind::Syntax);
