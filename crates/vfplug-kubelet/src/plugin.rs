@@ -171,6 +171,32 @@ pub enum RegistrationMode {
     PluginsRegistry,
 }
 
+impl std::str::FromStr for RegistrationMode {
+    type Err = String;
+
+    /// `auto`, `legacy`, `plugins_registry` (or `plugins-registry`), for command-line flags.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "legacy" => Ok(Self::Legacy),
+            "plugins_registry" | "plugins-registry" => Ok(Self::PluginsRegistry),
+            other => Err(format!(
+                "unknown registration mode {other:?} (expected auto, legacy or plugins_registry)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RegistrationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Legacy => "legacy",
+            Self::PluginsRegistry => "plugins_registry",
+        })
+    }
+}
+
 /// Configuration of one plugin server. Every path derives from `kubelet_dir`.
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
@@ -1055,6 +1081,22 @@ mod tests {
         assert!(s.message().contains("0000:01:00.2"));
         let s: Status = AllocError::Internal("x".into()).into();
         assert_eq!(s.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn registration_mode_parses_and_prints() {
+        for m in [
+            RegistrationMode::Auto,
+            RegistrationMode::Legacy,
+            RegistrationMode::PluginsRegistry,
+        ] {
+            assert_eq!(m.to_string().parse::<RegistrationMode>(), Ok(m));
+        }
+        assert_eq!(
+            "plugins-registry".parse::<RegistrationMode>(),
+            Ok(RegistrationMode::PluginsRegistry)
+        );
+        assert!("both".parse::<RegistrationMode>().is_err());
     }
 
     #[test]
