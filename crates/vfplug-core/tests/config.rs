@@ -693,3 +693,93 @@ mod no_panic {
         assert!(Config::parse(&deep_json).is_err());
     }
 }
+
+mod selection_properties {
+    use proptest::prelude::*;
+    use vfplug_core::*;
+
+    const CFG: &str = "pools:
+  - name: by_pf
+    selectors: { pfNames: ['ens0#0-3', 'ENS2'] }
+  - name: by_root
+    selectors: { rootDevices: ['0000:11:00.0#2,4-6'], linkTypes: [ether] }
+  - name: vfio
+    deviceMode: vfio
+    selectors: [{ drivers: [vfio-pci], numaNodes: [1] }, { pciAddresses: ['0000:12:01.3'] }]
+  - name: intel
+    selectors: { vendors: ['8086'], devices: ['154c', '1889'] }
+";
+
+    fn vf_strategy() -> impl Strategy<Value = VfInfo> {
+        (
+            0u8..3,
+            0u32..8,
+            prop_oneof![Just("8086"), Just("15b3")],
+            prop_oneof![Just("154c"), Just("1889"), Just("1018")],
+            proptest::option::of(prop_oneof![
+                Just("iavf"),
+                Just("vfio-pci"),
+                Just("mlx5_core")
+            ]),
+            proptest::option::of(0u32..2),
+            any::<bool>(),
+        )
+            .prop_map(|(pf, idx, vendor, device, driver, numa, ib)| {
+                let pf_pci = PciAddress::new(0, 0x10 + pf, 0, 0).unwrap();
+                VfInfo {
+                    pci: PciAddress::new(0, 0x10 + pf, 1, idx as u8).unwrap(),
+                    pf: pf_pci,
+                    pf_netdev: Some(format!("ens{pf}")),
+                    vf_index: idx,
+                    vendor: vendor.into(),
+                    device: device.into(),
+                    driver: driver.map(str::to_owned),
+                    iommu_group: None,
+                    numa_node: numa,
+                    netdevs: vec![format!("ens{pf}v{idx}")],
+                    link_type: if ib {
+                        LinkType::Infiniband
+                    } else {
+                        LinkType::Ether
+                    },
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn membership_does_not_depend_on_the_vf_netdev(vf in vf_strategy(), names in proptest::collection::vec("[a-z0-9]{1,8}", 0..3)) {
+            let cfg = Config::parse(CFG).unwrap();
+            let mut moved = vf.clone();
+            moved.netdevs = names;
+            for p in &cfg.pools {
+                prop_assert_eq!(p.matches(&vf, None), p.matches(&moved, None), "pool {}", p.name);
+            }
+        }
+
+        #[test]
+        fn assign_pools_gives_each_vf_to_its_first_matching_pool(vfs in proptest::collection::vec(vf_strategy(), 0..30)) {
+            let cfg = Config::parse(CFG).unwrap();
+            let mut inv = Inventory::default();
+            for v in vfs {
+                inv.vfs.insert(v.pci, v);
+            }
+            let a = assign_pools(&cfg, &inv);
+            prop_assert_eq!(a.len(), cfg.pools.len());
+            let mut seen = std::collections::BTreeSet::new();
+            for (pool, members) in &a {
+                for pci in members {
+                    prop_assert!(seen.insert(*pci), "{} in two pools", pci);
+                    let vf = &inv.vfs[pci];
+                    let first = cfg.pools.iter().find(|p| p.matches(vf, None)).map(|p| p.name.as_str());
+                    prop_assert_eq!(first, Some(pool.as_str()));
+                }
+            }
+            // Every VF that some pool selects is assigned.
+            for vf in inv.vfs.values() {
+                let selected = cfg.pools.iter().any(|p| p.matches(vf, None));
+                prop_assert_eq!(selected, seen.contains(&vf.pci));
+            }
+        }
+    }
+}
