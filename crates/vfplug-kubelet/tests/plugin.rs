@@ -372,10 +372,19 @@ async fn kubelet_restart_rebinds_and_reregisters() {
     let sock = dir.path().join("device-plugins/vfplug-pool0.sock");
     assert!(sock.exists());
 
+    let identity = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(p)
+            .ok()
+            .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+    };
+    let before = identity(&sock);
     let t0 = Instant::now();
     kubelet.restart().unwrap();
-    assert!(!sock.exists(), "restart deleted the plugin socket");
     kubelet.wait_registrations(2, WAIT).await.unwrap();
+    // A new socket, not the old one re-registered: the kubelet deleted the old file.
+    assert!(identity(&sock).is_some());
+    assert_ne!(identity(&sock), before, "plugin re-bound a fresh socket");
     let took = kubelet.registrations()[1].at - t0;
     println!("kubelet restart -> re-registered after {took:?}");
     // The new registration is usable: snapshot and Allocate over the new socket.
