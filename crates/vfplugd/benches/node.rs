@@ -41,7 +41,9 @@ async fn main() {
             .netdev(&netdev)
             .numa((pf / 4) as i32)
             .total_vfs(256)
-            .vfs(256, |i| VfSpec::new().driver("iavf").netdev(format!("{netdev}v{i}")))
+            .vfs(256, |i| {
+                VfSpec::new().driver("iavf").netdev(format!("{netdev}v{i}"))
+            })
             .build()
             .unwrap();
     }
@@ -63,19 +65,27 @@ async fn main() {
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let snap = kubelet.wait_snapshot(RES, None, T, |s| s.healthy_ids().len() == 2048).await.unwrap();
+    let snap = kubelet
+        .wait_snapshot(RES, None, T, |s| s.healthy_ids().len() == 2048)
+        .await
+        .unwrap();
     let first = t0.elapsed();
     let ids = snap.healthy_ids();
 
     let mut one = Vec::new();
     for i in 0..1000 {
         let t = Instant::now();
-        kubelet.allocate(RES, vec![vec![ids[i % ids.len()].clone()]]).await.unwrap();
+        kubelet
+            .allocate(RES, vec![vec![ids[i % ids.len()].clone()]])
+            .await
+            .unwrap();
         one.push(t.elapsed());
     }
     let mut eight = Vec::new();
     for i in 0..500 {
-        let req: Vec<String> = (0..8).map(|k| ids[(i * 8 + k) % ids.len()].clone()).collect();
+        let req: Vec<String> = (0..8)
+            .map(|k| ids[(i * 8 + k) % ids.len()].clone())
+            .collect();
         let t = Instant::now();
         kubelet.allocate(RES, vec![req]).await.unwrap();
         eight.push(t.elapsed());
@@ -87,18 +97,43 @@ async fn main() {
         let t = Instant::now();
         b.set_carrier("ens3f0", up).unwrap();
         let want = if up { 2048 } else { 2048 - 256 };
-        kubelet.wait_snapshot(RES, Some(t), T, |s| s.healthy_ids().len() == want).await.unwrap();
+        kubelet
+            .wait_snapshot(RES, Some(t), T, |s| s.healthy_ids().len() == want)
+            .await
+            .unwrap();
         health.push(t.elapsed());
     }
     let rss = rss_kib(child.id());
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
 
-    println!("vfplugd on 8 PFs x 256 VFs (2048 VFs), debug={}", cfg!(debug_assertions));
+    println!(
+        "vfplugd on 8 PFs x 256 VFs (2048 VFs), debug={}",
+        cfg!(debug_assertions)
+    );
     println!("| figure | value |\n|---|---|");
-    println!("| start -> first full ListAndWatch snapshot (scan, ledger, registration) | {first:?} |");
-    println!("| Allocate 1 VF over gRPC, p50 / p99 (1000 calls) | {:?} / {:?} |", pct(&mut one, 0.5), pct(&mut one, 0.99));
-    println!("| Allocate 8 VFs over gRPC, p50 / p99 (500 calls) | {:?} / {:?} |", pct(&mut eight, 0.5), pct(&mut eight, 0.99));
-    println!("| PF carrier change -> kubelet snapshot, p50 / max (10 flips) | {:?} / {:?} |", pct(&mut health, 0.5), pct(&mut health, 1.0));
-    println!("| vfplugd RSS after all of the above | {:.1} MiB |", rss as f64 / 1024.0);
+    println!(
+        "| start -> first full ListAndWatch snapshot (scan, ledger, registration) | {first:?} |"
+    );
+    println!(
+        "| Allocate 1 VF over gRPC, p50 / p99 (1000 calls) | {:?} / {:?} |",
+        pct(&mut one, 0.5),
+        pct(&mut one, 0.99)
+    );
+    println!(
+        "| Allocate 8 VFs over gRPC, p50 / p99 (500 calls) | {:?} / {:?} |",
+        pct(&mut eight, 0.5),
+        pct(&mut eight, 0.99)
+    );
+    println!(
+        "| PF carrier change -> kubelet snapshot, p50 / max (10 flips) | {:?} / {:?} |",
+        pct(&mut health, 0.5),
+        pct(&mut health, 1.0)
+    );
+    println!(
+        "| vfplugd RSS after all of the above | {:.1} MiB |",
+        rss as f64 / 1024.0
+    );
 }
