@@ -23,8 +23,8 @@
 //! Consumers treat `PciChanged` and `Resync` as "rescan soon" (coalescing bursts: creating 64
 //! VFs produces hundreds of uevents) and `CarrierChanged` as a health change of the PF's VFs.
 
-use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io;
@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use vfplug_core::PciAddress;
 
-use crate::sysfs::read_carrier;
+use crate::sysfs::{DirFd, list_virtfns, normalize, read_carrier, vf_name};
 
 /// Something on the host may have changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,23 +245,28 @@ impl Fingerprint {
         let mut h = DefaultHasher::new();
         let mut pf_netdevs = BTreeMap::new();
         let devices = root.join("bus/pci/devices");
-        let mut names: Vec<String> = match fs::read_dir(&devices) {
+        let mut addrs: Vec<PciAddress> = match fs::read_dir(&devices) {
             Ok(it) => it
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
                 .collect(),
             Err(e) => {
                 debug!(path = %devices.display(), error = %e, "fingerprint: no devices");
                 Vec::new()
             }
         };
-        // read_dir order is not stable across directory changes; the hash must be.
-        names.sort_unstable();
-        for name in names {
-            let dev = devices.join(&name);
+        // read_dir order is not stable across directory changes; the hash must be. PCI order
+        // also puts PFs before their VFs, so VFs need no PF probe (as in the scan).
+        addrs.sort_unstable();
+        let mut known_vfs = HashSet::new();
+        for pci in addrs {
+            if known_vfs.contains(&pci) {
+                continue;
+            }
+            let dev = devices.join(pci.to_string());
             let Ok(numvfs) = fs::read(dev.join("sriov_numvfs")) else {
                 continue;
             };
-            name.hash(&mut h);
+            pci.hash(&mut h);
             numvfs.hash(&mut h);
             link_name(&dev.join("driver")).hash(&mut h);
             let nets = dir_names(&dev.join("net"));
@@ -270,26 +275,26 @@ impl Fingerprint {
                 let carrier = read_carrier(&dev.join("net").join(n).join("carrier"));
                 pf_netdevs.insert(n.to_string_lossy().into_owned(), carrier);
             }
-            let mut vfs: Vec<(u32, PathBuf)> = fs::read_dir(&dev)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| {
-                    let e = e.ok()?;
-                    let idx = e
-                        .file_name()
-                        .to_str()?
-                        .strip_prefix("virtfn")?
-                        .parse()
-                        .ok()?;
-                    Some((idx, e.path()))
-                })
-                .collect();
-            vfs.sort_unstable_by_key(|(i, _)| *i);
-            for (i, vf) in vfs {
+            let virtfns = list_virtfns(&dev).unwrap_or_default();
+            let parent = fs::read_link(&dev)
+                .ok()
+                .map(|t| normalize(&devices.join(t)))
+                .and_then(|d| DirFd::open(d.parent()?.to_path_buf()).ok());
+            for (i, target) in virtfns {
                 i.hash(&mut h);
-                fs::read_link(&vf).ok().hash(&mut h);
-                link_name(&vf.join("driver")).hash(&mut h);
-                dir_names(&vf.join("net")).hash(&mut h);
+                target.hash(&mut h);
+                let Some(name) = vf_name(&target) else {
+                    continue;
+                };
+                if let Ok(a) = name.parse::<PciAddress>() {
+                    known_vfs.insert(a);
+                }
+                // Same layout assumption as the scan: `virtfnN -> ../<vf>`.
+                let vf = parent.as_ref().and_then(|p| p.sub(name).ok());
+                vf.as_ref()
+                    .and_then(|d| d.link_name("driver").ok())
+                    .hash(&mut h);
+                vf.as_ref().and_then(|d| d.list("net").ok()).hash(&mut h);
             }
         }
         Self {
