@@ -6,8 +6,8 @@
 //! - `watch::Fingerprint::compute()` over N iterations (the watcher's poll cost).
 //!
 //! Run: `cargo bench -p vfplug-host --bench inventory` (N via `VFPLUG_BENCH_ITERS`, default
-//! 200; the tree goes in a temp dir, or under `VFPLUG_BENCH_DIR` to pick a file system, e.g. a
-//! tmpfs, which is closer to sysfs than ext4). Timings are printed, never asserted.
+//! 200; the tree goes on tmpfs (`/dev/shm`) when available, as sysfs is in memory too, or under
+//! `VFPLUG_BENCH_DIR` to pick another file system). Timings are printed, never asserted.
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base = std::env::var_os("VFPLUG_BENCH_DIR").map(std::path::PathBuf::from);
     let dir = match &base {
         Some(b) => tempfile::tempdir_in(b)?,
-        None => tempfile::tempdir()?,
+        None => vfplug_host::fixture::tempdir()?,
     };
 
     let t = Instant::now();

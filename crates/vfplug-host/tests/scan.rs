@@ -74,7 +74,7 @@ fn realistic(root: &Path) -> SysfsBuilder {
 
 #[test]
 fn fixture_symlinks_are_relative_and_resolve_like_the_kernels() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let b = realistic(dir.path());
     let root = dir.path();
     let dev = |bdf: &str| root.join(PCI_PARENT).join(bdf);
@@ -169,7 +169,7 @@ fn fixture_symlinks_are_relative_and_resolve_like_the_kernels() {
 
 #[test]
 fn scan_of_a_realistic_host() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let b = realistic(dir.path());
     b.move_vf_netdev_away("0000:3b:01.3").unwrap();
     let inv = SysfsInventory::new(dir.path().into()).scan().unwrap();
@@ -241,7 +241,7 @@ fn scan_of_a_realistic_host() {
 
 #[test]
 fn vf_numa_minus_one_falls_back_to_the_pf() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = SysfsBuilder::new(dir.path());
     b.pf("0000:3b:00.0")
         .numa(1)
@@ -263,7 +263,7 @@ fn vf_numa_minus_one_falls_back_to_the_pf() {
 
 #[test]
 fn vf_ids_come_from_sriov_vf_device_or_else_from_each_vf() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = SysfsBuilder::new(dir.path());
     b.pf("0000:3b:00.0")
         .vendor("15b3")
@@ -297,7 +297,7 @@ fn vf_ids_come_from_sriov_vf_device_or_else_from_each_vf() {
 
 #[test]
 fn link_type_comes_from_the_pf_even_when_the_vf_netdev_says_otherwise() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = SysfsBuilder::new(dir.path());
     b.pf("0000:3b:00.0")
         .netdev("ib0")
@@ -316,7 +316,7 @@ fn link_type_comes_from_the_pf_even_when_the_vf_netdev_says_otherwise() {
 
 #[test]
 fn numvfs_change_and_rebind_are_seen_on_rescan() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = SysfsBuilder::new(dir.path());
     b.pf("0000:3b:00.0")
         .driver("i40e")
@@ -364,7 +364,7 @@ fn numvfs_change_and_rebind_are_seen_on_rescan() {
 
 #[test]
 fn eight_pfs_of_256_vfs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = SysfsBuilder::new(dir.path());
     for p in 0..8u32 {
         let pf = format!("0000:{:02x}:00.0", 0x10 + 2 * p);
@@ -413,7 +413,7 @@ fn eight_pfs_of_256_vfs() {
 
 #[test]
 fn races_skip_the_broken_piece_not_the_scan() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = SysfsBuilder::new(dir.path());
     b.pf("0000:3b:00.0")
         .driver("i40e")
@@ -457,7 +457,7 @@ fn races_skip_the_broken_piece_not_the_scan() {
 
 #[test]
 fn a_root_that_is_not_sysfs_is_a_typed_error_with_the_path() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let err = SysfsInventory::new(dir.path().join("nope"))
         .scan()
         .unwrap_err();

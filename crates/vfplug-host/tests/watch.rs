@@ -49,7 +49,7 @@ async fn next_matching(
 
 #[test]
 fn fingerprint_is_stable_and_sees_every_inventory_change() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = host(dir.path());
     let fp = || Fingerprint::compute(dir.path());
     let base = fp();
@@ -89,7 +89,7 @@ fn fingerprint_is_stable_and_sees_every_inventory_change() {
 
 #[tokio::test]
 async fn watcher_reports_carrier_and_pci_changes_on_a_fake_tree() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut b = host(dir.path());
     let mut cfg = WatchConfig::new(dir.path().to_path_buf());
     assert!(
@@ -138,7 +138,7 @@ async fn watcher_reports_carrier_and_pci_changes_on_a_fake_tree() {
 
 #[tokio::test]
 async fn watcher_sends_periodic_resyncs_and_survives_a_missing_root() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut cfg = WatchConfig::new(dir.path().join("not-there"));
     cfg.resync = Duration::from_millis(20);
     let cancel = CancellationToken::new();
@@ -153,7 +153,7 @@ async fn watcher_sends_periodic_resyncs_and_survives_a_missing_root() {
 async fn uevent_socket_failure_is_not_fatal() {
     // Whether this sandbox allows NETLINK_KOBJECT_UEVENT or not, the watcher must come up and
     // keep delivering its polled events.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut cfg = WatchConfig::new(dir.path().to_path_buf());
     cfg.uevents = true;
     cfg.resync = Duration::from_millis(20);
