@@ -3,7 +3,8 @@
 //! Measures, on a fake sysfs tree built by the fixture:
 //! - the fixture build (once),
 //! - `SysfsInventory::scan()` over N iterations (p50 / p99 / mean / max),
-//! - `watch::Fingerprint::compute()` over N iterations (the watcher's poll cost).
+//! - `watch::Fingerprint::compute()` over N iterations (the watcher's poll cost),
+//! - the watcher's detection latency for PF carrier flips and VF rebinds on that tree.
 //!
 //! Run: `cargo bench -p vfplug-host --bench inventory` (N via `VFPLUG_BENCH_ITERS`, default
 //! 200; the tree goes on tmpfs (`/dev/shm`) when available, as sysfs is in memory too, or under
@@ -11,9 +12,10 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
 use vfplug_host::fixture::{SysfsBuilder, VfSpec};
 use vfplug_host::sysfs::SysfsInventory;
-use vfplug_host::watch::Fingerprint;
+use vfplug_host::watch::{Fingerprint, HostEvent, WatchConfig, spawn_watcher};
 
 const PFS: u32 = 8;
 const VFS: u32 = 256;
@@ -74,7 +76,88 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     report("Fingerprint::compute()", iters, || {
         std::hint::black_box(Fingerprint::compute(dir.path()));
     });
+    watcher_latency(&b, dir.path())
+}
+
+/// Time from a change in the tree to its event, with the watcher's defaults for a fake root
+/// (carrier poll 50 ms, fingerprint poll 100 ms). Changes are spaced by varying delays so
+/// they land at different points of the poll period.
+fn watcher_latency(
+    b: &SysfsBuilder,
+    root: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut cfg = WatchConfig::new(root.to_path_buf());
+        cfg.resync = Duration::from_secs(3600);
+        let (carrier_poll, fp_poll) = (cfg.carrier_poll, cfg.fingerprint_poll);
+        let cancel = CancellationToken::new();
+        let mut rx = spawn_watcher(cfg, cancel.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await; // first fingerprint = baseline
+
+        let mut carrier = Vec::new();
+        for i in 0..40u64 {
+            let t = Instant::now();
+            b.set_carrier("ens0f0", i % 2 == 1)?;
+            wait_for(&mut rx, |e| matches!(e, HostEvent::CarrierChanged { .. })).await?;
+            carrier.push(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(5 + (i * 17) % 50)).await;
+        }
+        let mut pci = Vec::new();
+        for i in 0..20u64 {
+            let t = Instant::now();
+            b.rebind(
+                "0000:10:01.3",
+                Some(if i % 2 == 0 { "iavf" } else { "vfio-pci" }),
+            )?;
+            wait_for(&mut rx, |e| matches!(e, HostEvent::PciChanged { .. })).await?;
+            pci.push(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(5 + (i * 37) % 100)).await;
+        }
+        cancel.cancel();
+        summary(
+            &format!("carrier change -> CarrierChanged (poll {carrier_poll:?})"),
+            carrier,
+        );
+        summary(
+            &format!("VF rebind -> PciChanged (fingerprint every {fp_poll:?})"),
+            pci,
+        );
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
+
+async fn wait_for(
+    rx: &mut tokio::sync::mpsc::Receiver<HostEvent>,
+    want: impl Fn(&HostEvent) -> bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let deadline = Duration::from_secs(10);
+    tokio::time::timeout(deadline, async {
+        while let Some(e) = rx.recv().await {
+            if want(&e) {
+                return Ok(());
+            }
+        }
+        Err("watcher stopped")
+    })
+    .await
+    .map_err(|_| "no event within 10 s")??;
     Ok(())
+}
+
+fn summary(what: &str, mut v: Vec<Duration>) {
+    v.sort_unstable();
+    let mean = v.iter().sum::<Duration>() / v.len().max(1) as u32;
+    println!(
+        "{what}: n={}: p50 {:.1} ms, mean {:.1} ms, max {:.1} ms",
+        v.len(),
+        ms(v[v.len() / 2]),
+        ms(mean),
+        ms(v[v.len() - 1])
+    );
 }
 
 /// CPU time of the calling thread so far, from `/proc/thread-self/schedstat` (ns). On a
