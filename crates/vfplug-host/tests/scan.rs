@@ -464,3 +464,50 @@ fn a_root_that_is_not_sysfs_is_a_typed_error_with_the_path() {
     assert!(err.is_not_found());
     assert!(err.to_string().contains("nope/bus/pci/devices"), "{err}");
 }
+
+#[test]
+fn scans_racing_with_sriov_numvfs_changes_never_fail_and_stay_consistent() {
+    let dir = vfplug_host::fixture::tempdir().unwrap();
+    let mut b = SysfsBuilder::new(dir.path());
+    b.pf("0000:3b:00.0")
+        .driver("i40e")
+        .netdev("p0")
+        .total_vfs(64)
+        .vfs(64, |i| {
+            VfSpec::new().driver("iavf").netdev(format!("p0v{i}"))
+        })
+        .build()
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            // The kernel's own sequence: to change a non-zero count, write 0 first.
+            for n in [0, 17, 0, 64, 0, 5, 0, 64].iter().cycle().take(24) {
+                b.set_num_vfs("0000:3b:00.0", *n).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let inv = SysfsInventory::new(dir.path().into());
+        let mut scans = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) || scans == 0 {
+            let s = inv.scan().expect("a racing scan must not fail");
+            for vf in s.vfs.values() {
+                assert!(s.pfs.contains_key(&vf.pf), "VF {} without its PF", vf.pci);
+                assert!(vf.vf_index < 64);
+                assert_eq!(vf.pf_netdev.as_deref(), Some("p0"));
+            }
+            scans += 1;
+        }
+        writer.join().unwrap();
+        eprintln!("{scans} scans raced with 24 sriov_numvfs changes");
+    });
+    // Settled: the last write was 64.
+    assert_eq!(
+        SysfsInventory::new(dir.path().into())
+            .scan()
+            .unwrap()
+            .vfs
+            .len(),
+        64
+    );
+}

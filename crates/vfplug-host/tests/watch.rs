@@ -102,17 +102,31 @@ async fn watcher_reports_carrier_and_pci_changes_on_a_fake_tree() {
     let cancel = CancellationToken::new();
     let mut rx = spawn_watcher(cfg, cancel.clone());
 
-    // Let the first fingerprint establish the baseline, then flip carriers both ways.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    b.set_carrier("p0", false).unwrap();
-    let ev = next_matching(&mut rx, |e| matches!(e, HostEvent::CarrierChanged { .. })).await;
-    assert_eq!(
-        ev,
-        HostEvent::CarrierChanged {
-            pf_netdev: "p0".into(),
-            up: false
+    // The watcher learns the PF netdevs (and their baseline carrier) from its first
+    // fingerprint, which may run after a flip made right away: flip until it reports one,
+    // without depending on how fast this machine is.
+    let mut up = true;
+    let first = loop {
+        up = !up;
+        b.set_carrier("p0", up).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match rx.recv().await {
+                    Some(e @ HostEvent::CarrierChanged { .. }) => return Some(e),
+                    Some(_) => {}
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        match got {
+            Ok(Some(ev)) => break ev,
+            Ok(None) => panic!("watcher stopped"),
+            Err(_) => {} // not yet watching p0; flip again
         }
-    );
+    };
+    assert!(matches!(&first, HostEvent::CarrierChanged { pf_netdev, .. } if pf_netdev == "p0"));
+    // From here on the baseline is known: each flip gives exactly its event.
     b.set_carrier("p1", true).unwrap();
     let ev = next_matching(&mut rx, |e| matches!(e, HostEvent::CarrierChanged { .. })).await;
     assert_eq!(
@@ -120,6 +134,15 @@ async fn watcher_reports_carrier_and_pci_changes_on_a_fake_tree() {
         HostEvent::CarrierChanged {
             pf_netdev: "p1".into(),
             up: true
+        }
+    );
+    b.set_carrier("p1", false).unwrap();
+    let ev = next_matching(&mut rx, |e| matches!(e, HostEvent::CarrierChanged { .. })).await;
+    assert_eq!(
+        ev,
+        HostEvent::CarrierChanged {
+            pf_netdev: "p1".into(),
+            up: false
         }
     );
 
