@@ -42,6 +42,10 @@ pub trait DriverBinder: Send + Sync + Debug {
     fn bind_vfio(&self, pci: PciAddress) -> Result<(), HostError> {
         self.bind(pci, VFIO_PCI)
     }
+    /// Resets the function (`echo 1 > <dev>/reset`: FLR or whatever `reset_method` the kernel
+    /// picked), as done before a VF goes back to the pool. Fails when the device has no reset
+    /// method (no `reset` attribute).
+    fn reset(&self, pci: PciAddress) -> Result<(), HostError>;
 }
 
 /// How sysfs attributes are written; the seam that lets tests watch (and simulate) the kernel.
@@ -157,6 +161,12 @@ impl<W: SysfsWriter> DriverBinder for SysfsDriverBinder<W> {
         info!(%pci, from = ?before, to = driver, "rebound device");
         Ok(())
     }
+
+    fn reset(&self, pci: PciAddress) -> Result<(), HostError> {
+        self.write(&self.dev(pci).join("reset"), "1")?;
+        info!(%pci, "function reset");
+        Ok(())
+    }
 }
 
 /// One call recorded by [`FakeDriverBinder`].
@@ -166,6 +176,8 @@ pub enum BinderOp {
     Bind(PciAddress, String),
     /// `unbind(pci)`.
     Unbind(PciAddress),
+    /// `reset(pci)`.
+    Reset(PciAddress),
 }
 
 #[derive(Debug, Default)]
@@ -254,6 +266,15 @@ impl DriverBinder for FakeDriverBinder {
             });
         }
         *slot = Some(driver.to_owned());
+        Ok(())
+    }
+
+    fn reset(&self, pci: PciAddress) -> Result<(), HostError> {
+        let mut st = self.lock();
+        if !st.drivers.contains_key(&pci) {
+            return Err(unknown(pci));
+        }
+        st.ops.push(BinderOp::Reset(pci));
         Ok(())
     }
 }
@@ -379,6 +400,30 @@ mod tests {
     }
 
     #[test]
+    fn reset_writes_one_to_the_reset_attribute() {
+        let (dir, _b) = tree();
+        let binder =
+            SysfsDriverBinder::with_writer(dir.path().into(), FixtureKernel::new(dir.path()));
+        binder.reset(pci("0000:3b:01.1")).unwrap();
+        assert_eq!(
+            binder.writer().writes(),
+            vec![(
+                PathBuf::from("bus/pci/devices/0000:3b:01.1/reset"),
+                "1".to_owned()
+            )]
+        );
+        // A device without a reset method has no `reset` file: an error naming the path.
+        std::fs::remove_file(dir.path().join("bus/pci/devices/0000:3b:01.2/reset")).unwrap();
+        let e = SysfsDriverBinder::new(dir.path().into())
+            .reset(pci("0000:3b:01.2"))
+            .unwrap_err();
+        assert!(
+            e.is_not_found() && e.to_string().contains("0000:3b:01.2/reset"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_device_and_bad_driver_names_are_errors() {
         let (dir, _b) = tree();
         let binder = SysfsDriverBinder::new(dir.path().into());
@@ -402,14 +447,17 @@ mod tests {
         assert_eq!(fake.current_driver(a).unwrap(), None);
         fake.fail_binds(a, None);
         fake.bind(a, "iavf").unwrap();
+        fake.reset(a).unwrap();
         assert_eq!(
             fake.ops(),
             vec![
                 BinderOp::Bind(a, "vfio-pci".into()),
                 BinderOp::Bind(a, "iavf".into()),
-                BinderOp::Bind(a, "iavf".into())
+                BinderOp::Bind(a, "iavf".into()),
+                BinderOp::Reset(a),
             ]
         );
+        assert!(fake.reset(pci("0000:00:00.0")).unwrap_err().is_not_found());
         assert!(
             fake.current_driver(pci("0000:00:00.0"))
                 .unwrap_err()

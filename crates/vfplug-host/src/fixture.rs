@@ -5,7 +5,7 @@
 //! writes do not trigger the kernel (use [`FixtureKernel`] for that):
 //!
 //! ```text
-//! <root>/devices/pci0000:00/0000:00:03.0/<bdf>/   vendor device class numa_node driver_override
+//! <root>/devices/pci0000:00/0000:00:03.0/<bdf>/   vendor device class numa_node driver_override reset
 //!        sriov_totalvfs sriov_numvfs sriov_drivers_autoprobe (PFs), virtfnN -> ../<vf>,
 //!        physfn -> ../<pf> (VFs), driver -> ../../../../bus/pci/drivers/<drv>,
 //!        iommu_group -> ../../../../kernel/iommu_groups/<n>, net/<if>/{type,carrier,operstate,address}
@@ -584,6 +584,8 @@ fn create_device(root: &Path, pci: PciAddress, a: &DevAttrs<'_>) -> Result<PathB
     write(&dir.join("numa_node"), &format!("{}\n", a.numa))?;
     // The kernel shows an unset override as "(null)".
     write(&dir.join("driver_override"), "(null)\n")?;
+    // Write-only in the kernel; present when the device has a reset method (VFs: FLR).
+    write(&dir.join("reset"), "")?;
     let bus_devices = root.join("bus/pci/devices");
     mkdir(&bus_devices)?;
     link(
