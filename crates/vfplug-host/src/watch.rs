@@ -7,12 +7,13 @@
 //!    links, `drivers/pci/iov.c`) and net add/remove/move under a PCI device. Parsed into a typed
 //!    [`Uevent`]. If the socket cannot be opened (sandbox, no privileges) a warning is logged
 //!    and the polling below carries the load — never fatal.
-//! 2. **PF carrier** by polling `class/net/<pf>/carrier` (default every 50 ms). *Choice:* we
-//!    poll instead of subscribing to rtnetlink `RTNLGRP_LINK`: with at most a few PFs per node
-//!    this is a handful of tiny reads per tick, it needs no second netlink protocol parser, it
-//!    works identically on fake trees in tests, and 50 ms is well inside the 100 ms budget for
-//!    health changes to reach kubelet (DESIGN.md §8). An rtnetlink source can replace it behind
-//!    the same `HostEvent::CarrierChanged` later.
+//! 2. **PF carrier** from `class/net/<pf>/carrier`, read every 50 ms and, on a real host, also
+//!    at once whenever an rtnetlink link message (`RTMGRP_LINK`, parsed by
+//!    [`parse_link_messages`]) arrives. *Choice:* the sysfs file stays the single source of
+//!    truth and rtnetlink is only a wake-up: one dedup path, identical behaviour on fake trees
+//!    (where rtnetlink says nothing about them), and with at most a few PFs the poll is a
+//!    handful of tiny reads per tick, well inside the 100 ms budget for health changes to
+//!    reach kubelet (DESIGN.md §8).
 //! 3. **A sysfs fingerprint** ([`Fingerprint`]) recomputed periodically: a hash of each PF's
 //!    `sriov_numvfs`, driver and netdev names and each VF's driver and netdev names. Real uevents
 //!    do not describe a fake tree, so on test roots this is the change detector (default every
@@ -32,7 +33,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -202,7 +205,10 @@ pub struct WatchConfig {
     pub sysfs_root: PathBuf,
     /// Listen to kernel uevents. Only meaningful when the root is the real `/sys`.
     pub uevents: bool,
-    /// How often PF carriers are read.
+    /// Listen to rtnetlink link changes (`RTMGRP_LINK`) and read PF carriers as soon as one
+    /// arrives. Only meaningful when the root is the real `/sys` (same network namespace).
+    pub rtnetlink: bool,
+    /// How often PF carriers are read (with `rtnetlink`, only a backstop).
     pub carrier_poll: Duration,
     /// How often the sysfs fingerprint is recomputed; `None` disables it.
     pub fingerprint_poll: Option<Duration>,
@@ -223,6 +229,7 @@ impl WatchConfig {
         Self {
             sysfs_root,
             uevents: real,
+            rtnetlink: real,
             carrier_poll: Duration::from_millis(50),
             fingerprint_poll: Some(Duration::from_millis(if real { 10_000 } else { 100 })),
             resync: Duration::from_secs(60),
@@ -348,7 +355,16 @@ pub fn spawn_watcher(mut cfg: WatchConfig, cancel: CancellationToken) -> mpsc::R
             }
         }
     }
-    tokio::spawn(poll_loop(cfg, tx, cancel));
+    let link_nudge = Arc::new(Notify::new());
+    if cfg.rtnetlink {
+        match open_link_socket() {
+            Ok(sock) => {
+                tokio::spawn(link_loop(sock, link_nudge.clone(), cancel.clone()));
+            }
+            Err(e) => warn!(error = %e, "cannot open rtnetlink; PF carrier is polled only"),
+        }
+    }
+    tokio::spawn(poll_loop(cfg, tx, cancel, link_nudge));
     rx
 }
 
@@ -409,7 +425,12 @@ async fn uevent_loop(sock: TokioSocket, tx: mpsc::Sender<HostEvent>, cancel: Can
     }
 }
 
-async fn poll_loop(cfg: WatchConfig, tx: mpsc::Sender<HostEvent>, cancel: CancellationToken) {
+async fn poll_loop(
+    cfg: WatchConfig,
+    tx: mpsc::Sender<HostEvent>,
+    cancel: CancellationToken,
+    link_nudge: Arc<Notify>,
+) {
     let root = cfg.sysfs_root.clone();
     let mut carrier_tick = interval(cfg.carrier_poll.max(Duration::from_millis(1)));
     carrier_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -428,19 +449,10 @@ async fn poll_loop(cfg: WatchConfig, tx: mpsc::Sender<HostEvent>, cancel: Cancel
         let mut out = Vec::new();
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = carrier_tick.tick() => {
-                for (ifname, old) in carriers.iter_mut() {
-                    let new = read_carrier(&root.join("class/net").join(ifname).join("carrier"));
-                    if let (Some(was), Some(now)) = (*old, new)
-                        && was != now
-                    {
-                        out.push(HostEvent::CarrierChanged { pf_netdev: ifname.clone(), up: now });
-                    }
-                    if new.is_some() {
-                        *old = new;
-                    }
-                }
-            }
+            _ = carrier_tick.tick() => check_carriers(&root, &mut carriers, &mut out),
+            // An rtnetlink link message arrived: read the carriers now instead of at the next
+            // tick. The files stay the single source of truth, so there is one dedup path.
+            () = link_nudge.notified() => check_carriers(&root, &mut carriers, &mut out),
             _ = fp_tick.tick() => {
                 let r = root.clone();
                 let Ok(fp) = tokio::task::spawn_blocking(move || Fingerprint::compute(&r)).await
@@ -461,6 +473,157 @@ async fn poll_loop(cfg: WatchConfig, tx: mpsc::Sender<HostEvent>, cancel: Cancel
         for ev in out {
             debug!(?ev, "host event");
             if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn check_carriers(
+    root: &Path,
+    carriers: &mut BTreeMap<String, Option<bool>>,
+    out: &mut Vec<HostEvent>,
+) {
+    for (ifname, old) in carriers.iter_mut() {
+        let new = read_carrier(&root.join("class/net").join(ifname).join("carrier"));
+        if let (Some(was), Some(now)) = (*old, new)
+            && was != now
+        {
+            out.push(HostEvent::CarrierChanged {
+                pf_netdev: ifname.clone(),
+                up: now,
+            });
+        }
+        if new.is_some() {
+            *old = new;
+        }
+    }
+}
+
+/// `RTM_NEWLINK` or `RTM_DELLINK`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkMessageKind {
+    /// `RTM_NEWLINK` (16): a link appeared or changed (carrier, flags, name).
+    New,
+    /// `RTM_DELLINK` (17): a link went away (or left the namespace).
+    Del,
+}
+
+/// The part of an rtnetlink link message the watcher uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkMessage {
+    /// New or deleted.
+    pub kind: LinkMessageKind,
+    /// `ifi_index`.
+    pub ifindex: i32,
+    /// `IFLA_IFNAME`.
+    pub ifname: Option<String>,
+    /// `IFLA_CARRIER` if present, else the `IFF_LOWER_UP` flag.
+    pub carrier: bool,
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_CARRIER: u16 = 33;
+const IFF_LOWER_UP: u32 = 0x1_0000;
+/// `RTMGRP_LINK`: the multicast group of link changes.
+const RTMGRP_LINK: u32 = 1;
+const NLMSG_HDRLEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Parses the link messages of one rtnetlink datagram (`nlmsghdr` + `ifinfomsg` + `rtattr`s,
+/// several per datagram, 4-byte aligned, host byte order). Other message types and anything
+/// truncated are skipped.
+pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkMessage> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while let (Some(len), Some(ty)) = (u32_at(buf, off), u16_at(buf, off + 4)) {
+        let len = len as usize;
+        let Some(msg) = buf
+            .get(off + NLMSG_HDRLEN..off + len)
+            .filter(|_| len >= NLMSG_HDRLEN)
+        else {
+            break;
+        };
+        let kind = match ty {
+            RTM_NEWLINK => Some(LinkMessageKind::New),
+            RTM_DELLINK => Some(LinkMessageKind::Del),
+            _ => None,
+        };
+        if let (Some(kind), Some(index), Some(flags)) = (kind, u32_at(msg, 4), u32_at(msg, 8)) {
+            let mut ifname = None;
+            let mut carrier = None;
+            let mut a = IFINFOMSG_LEN;
+            while let (Some(alen), Some(aty)) = (u16_at(msg, a), u16_at(msg, a + 2)) {
+                let alen = alen as usize;
+                let Some(data) = msg.get(a + 4..a + alen).filter(|_| alen >= 4) else {
+                    break;
+                };
+                // The top two bits are NLA_F_NESTED / NLA_F_NET_BYTEORDER.
+                match aty & 0x3fff {
+                    IFLA_IFNAME => {
+                        let name = data.split(|b| *b == 0).next().unwrap_or_default();
+                        ifname = std::str::from_utf8(name).ok().map(str::to_owned);
+                    }
+                    IFLA_CARRIER => carrier = data.first().map(|c| *c != 0),
+                    _ => {}
+                }
+                a += align4(alen);
+            }
+            out.push(LinkMessage {
+                kind,
+                ifindex: index as i32,
+                ifname,
+                carrier: carrier.unwrap_or(flags & IFF_LOWER_UP != 0),
+            });
+        }
+        off += align4(len);
+    }
+    out
+}
+
+/// Opens a `NETLINK_ROUTE` socket subscribed to link changes (`RTMGRP_LINK`).
+pub fn open_link_socket() -> io::Result<TokioSocket> {
+    let mut sock = TokioSocket::new(protocols::NETLINK_ROUTE)?;
+    sock.socket_mut().bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+    Ok(sock)
+}
+
+async fn link_loop(sock: TokioSocket, nudge: Arc<Notify>, cancel: CancellationToken) {
+    info!("listening to rtnetlink link changes");
+    loop {
+        let received = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = sock.recv_from_full() => r,
+        };
+        match received {
+            Ok((buf, addr)) if addr.port_number() == 0 => {
+                let msgs = parse_link_messages(&buf);
+                for m in &msgs {
+                    debug!(?m.kind, m.ifindex, ifname = ?m.ifname, m.carrier, "link message");
+                }
+                if !msgs.is_empty() {
+                    nudge.notify_one();
+                }
+            }
+            Ok(_) => {}
+            // Lost messages: read the carriers anyway.
+            Err(e) if e.raw_os_error() == Some(105) => nudge.notify_one(),
+            Err(e) => {
+                warn!(error = %e, "rtnetlink socket failed; carrier changes are polled only");
                 return;
             }
         }
@@ -592,6 +755,83 @@ mod tests {
                 pci: Some("0000:3b:01.0".parse().unwrap())
             })
         );
+    }
+
+    /// Builds an rtnetlink link message the way the kernel lays it out (`rtnl_fill_ifinfo`).
+    fn link_msg(ty: u16, index: i32, flags: u32, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&[0u8, 0]); // ifi_family AF_UNSPEC, pad
+        body.extend_from_slice(&1u16.to_ne_bytes()); // ifi_type ARPHRD_ETHER
+        body.extend_from_slice(&index.to_ne_bytes());
+        body.extend_from_slice(&flags.to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes()); // ifi_change
+        for (t, data) in attrs {
+            body.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+            body.extend_from_slice(&t.to_ne_bytes());
+            body.extend_from_slice(data);
+            body.resize(align4(body.len()), 0);
+        }
+        let mut m = Vec::new();
+        m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        m.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        m.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+        m.extend_from_slice(&body);
+        m
+    }
+
+    #[test]
+    fn parses_rtnetlink_link_messages() {
+        const UP_LOWER_UP: u32 = 0x1 | 0x1_0000;
+        let mut buf = link_msg(
+            RTM_NEWLINK,
+            4,
+            UP_LOWER_UP,
+            &[
+                (IFLA_IFNAME, b"ens785f0\0"),
+                (13, &1500u32.to_ne_bytes()),
+                (IFLA_CARRIER, &[0]),
+            ],
+        );
+        // Two messages in one datagram; the second has no IFLA_CARRIER: flags decide.
+        buf.extend(link_msg(
+            RTM_NEWLINK,
+            5,
+            UP_LOWER_UP,
+            &[(IFLA_IFNAME, b"ens785f1\0")],
+        ));
+        buf.extend(link_msg(RTM_DELLINK, 6, 0, &[(IFLA_IFNAME, b"eth9\0")]));
+        buf.extend(link_msg(20, 7, 0, &[])); // RTM_NEWADDR: not ours
+        let msgs = parse_link_messages(&buf);
+        assert_eq!(
+            msgs,
+            vec![
+                LinkMessage {
+                    kind: LinkMessageKind::New,
+                    ifindex: 4,
+                    ifname: Some("ens785f0".into()),
+                    carrier: false
+                },
+                LinkMessage {
+                    kind: LinkMessageKind::New,
+                    ifindex: 5,
+                    ifname: Some("ens785f1".into()),
+                    carrier: true
+                },
+                LinkMessage {
+                    kind: LinkMessageKind::Del,
+                    ifindex: 6,
+                    ifname: Some("eth9".into()),
+                    carrier: false
+                },
+            ]
+        );
+        // Truncation anywhere never panics and never invents a message.
+        for cut in 0..buf.len() {
+            assert!(parse_link_messages(&buf[..cut]).len() <= 3);
+        }
+        assert!(parse_link_messages(&buf[..20]).is_empty());
     }
 
     #[test]

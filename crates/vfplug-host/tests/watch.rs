@@ -173,15 +173,17 @@ async fn watcher_sends_periodic_resyncs_and_survives_a_missing_root() {
 }
 
 #[tokio::test]
-async fn uevent_socket_failure_is_not_fatal() {
-    // Whether this sandbox allows NETLINK_KOBJECT_UEVENT or not, the watcher must come up and
-    // keep delivering its polled events.
+async fn netlink_socket_failure_is_not_fatal() {
+    // Whether this sandbox allows NETLINK_KOBJECT_UEVENT / NETLINK_ROUTE or not, the watcher
+    // must come up and keep delivering its polled events.
     let dir = vfplug_host::fixture::tempdir().unwrap();
     let mut cfg = WatchConfig::new(dir.path().to_path_buf());
     cfg.uevents = true;
+    cfg.rtnetlink = true;
     cfg.resync = Duration::from_millis(20);
-    let opened = vfplug_host::watch::open_uevent_socket().is_ok();
-    eprintln!("uevent socket available here: {opened}");
+    let uevents = vfplug_host::watch::open_uevent_socket().is_ok();
+    let rtnl = vfplug_host::watch::open_link_socket().is_ok();
+    eprintln!("uevent socket available here: {uevents}; rtnetlink socket: {rtnl}");
     let cancel = CancellationToken::new();
     let mut rx = spawn_watcher(cfg, cancel.clone());
     assert_eq!(
