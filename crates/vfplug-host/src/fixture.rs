@@ -16,15 +16,18 @@
 //! <root>/kernel/iommu_groups/<n>/devices/<bdf> -> ../../../../devices/...
 //! ```
 //!
-//! ```no_run
+//! ```
 //! # use vfplug_host::fixture::{SysfsBuilder, VfSpec};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dir = std::path::Path::new("/tmp/fake-sys");
-//! let mut b = SysfsBuilder::new(dir);
+//! let dir = vfplug_host::fixture::tempdir()?; // on tmpfs when there is one
+//! let mut b = SysfsBuilder::new(dir.path());
 //! b.pf("0000:3b:00.0").vendor("8086").device("1572").driver("i40e").netdev("ens785f0").numa(0)
 //!     .vfs(8, |i| VfSpec::new().driver("iavf").netdev(format!("ens785f0v{i}")))
 //!     .build()?;
-//! b.rebind("0000:3b:02.0", Some("vfio-pci"))?;
+//! b.rebind("0000:3b:01.0", Some("vfio-pci"))?; // VF 0 (offset 8, stride 1)
+//! let inv = vfplug_host::sysfs::SysfsInventory::new(dir.path().into()).scan()?;
+//! assert_eq!(inv.vfs.len(), 8);
+//! assert!(inv.vfs.values().any(|v| v.driver.as_deref() == Some("vfio-pci")));
 //! # Ok(()) }
 //! ```
 

@@ -11,14 +11,19 @@
 //!   netdev, so a VF whose netdev sits in a pod's namespace is still found with its PF
 //!   (sriov-network-device-plugin #392/#565).
 //! - [`driver::DriverBinder`] — bind a VF to `vfio-pci` or back to its host driver through
-//!   `driver_override` + `unbind` + `drivers_probe`; [`driver::SysfsDriverBinder`] does it for
-//!   real, [`driver::FakeDriverBinder`] in memory.
-//! - [`watch`] — [`watch::spawn_watcher`] turns kernel uevents, PF carrier changes, a cheap
-//!   sysfs fingerprint poll and a periodic resync tick into a stream of [`watch::HostEvent`]s
-//!   that tell the daemon when to rescan.
+//!   `driver_override` + `unbind` + `drivers_probe` (verified afterwards), and reset it;
+//!   [`driver::SysfsDriverBinder`] does it for real, [`driver::FakeDriverBinder`] in memory.
+//!   Synchronous: call it from `spawn_blocking`.
+//! - [`watch`] — [`watch::spawn_watcher`] turns kernel uevents, rtnetlink link messages, PF
+//!   carrier polling, a sysfs fingerprint poll and a periodic resync tick into a stream of
+//!   [`watch::HostEvent`]s that tell the daemon when to rescan or that a PF's link changed.
 //! - `fixture` (cargo feature `fixture`) — `SysfsBuilder` lays out fake sysfs trees the way
-//!   the kernel does (real files, relative symlinks) for tests and benchmarks across the
-//!   workspace.
+//!   the kernel does (real files, relative symlinks) and mutates them like the kernel would
+//!   (`set_num_vfs`, `rebind`, `move_vf_netdev_away`, `set_carrier`); `FixtureKernel` plays
+//!   the kernel's side of driver binding; `fixture::tempdir()` puts trees on tmpfs.
+//!
+//! Nothing here hard-codes `/sys`: every type takes the root, so tests run in parallel on
+//! fake trees and never touch the machine's devices.
 
 pub mod driver;
 pub mod error;
