@@ -203,7 +203,7 @@ fn report(what: &str, iters: usize, mut f: impl FnMut()) {
     if !cpu.is_empty() {
         let mean = cpu.iter().sum::<Duration>() / cpu.len() as u32;
         println!(
-            "{what}: thread CPU time: p50 {:.2} ms, mean {:.2} ms",
+            "{what}: CPU time of the calling thread: p50 {:.2} ms, mean {:.2} ms",
             ms(cpu[cpu.len() / 2]),
             ms(mean)
         );
