@@ -44,6 +44,9 @@ const COMPACT_AFTER: usize = 1024;
 /// considered released (the container may not be created yet when PodResources is asked).
 const KUBELET_ALLOC_GRACE: Duration = Duration::from_secs(60);
 
+/// How often the per-state gauges are recomputed.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
+
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -85,7 +88,7 @@ struct State {
     members: BTreeMap<String, Vec<PciAddress>>,
     /// When a VF was last given out by Allocate, or last seen in PodResources.
     kubelet_seen: HashMap<PciAddress, Instant>,
-    /// PF carrier overrides learned from events before the next scan.
+    /// Start of this process: the grace period for kubelet allocations learned before it.
     started: Instant,
 }
 
@@ -96,7 +99,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Appends (and syncs) then applies each record. A failed write stops before applying.
+    /// Appends each record and applies it at once, so the in-memory ledger always equals what a
+    /// replay of the log would give, even when an append fails half-way; then syncs if asked.
+    /// Callers act on the records only after this returns `Ok`.
     fn commit(&self, st: &mut State, records: Vec<Record>, sync: bool) -> Result<(), WalError> {
         if records.is_empty() {
             return Ok(());
@@ -104,15 +109,13 @@ impl Shared {
         let mut wal = lock(&self.wal);
         for r in &records {
             wal.append(r, false)?;
-        }
-        if sync {
-            wal.sync()?;
-        }
-        for r in &records {
             if let Err(e) = st.ledger.apply(r) {
                 // The plan came from this very ledger under the same lock; a refusal is a bug.
                 error!(error = %e, ?r, "ledger refused a record it planned");
             }
+        }
+        if sync {
+            wal.sync()?;
         }
         if wal.records_since_snapshot() >= COMPACT_AFTER
             && let Err(e) = wal.compact(&st.ledger)
@@ -256,6 +259,9 @@ async fn run(
     bind_vfio_where_configured(&shared).await;
 
     let mut config_stamp = file_stamp(&opts.config_path);
+    // Metrics walk every VF under the state lock that Allocate takes: once a second is plenty
+    // for Prometheus and keeps that work off the Allocate path's way.
+    let mut metrics_at = Instant::now() - METRICS_EVERY;
     let mut tick = tokio::time::interval(opts.poll_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -314,7 +320,10 @@ async fn run(
                     *r = all_registered;
                     changed
                 });
-                update_metrics(&shared, &pools);
+                if metrics_at.elapsed() >= METRICS_EVERY {
+                    metrics_at = Instant::now();
+                    update_metrics(&shared, &pools);
+                }
             }
         }
     }
