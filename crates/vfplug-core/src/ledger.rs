@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::Inventory;
 use crate::pci::PciAddress;
+use crate::vfconf::{CniAttachment, VlanProto};
 
 /// Fencing token: ledger-wide, strictly increasing, never reused once persisted.
 pub type Token = u64;
@@ -95,6 +96,9 @@ pub struct SavedVfState {
     pub max_tx_rate: Option<u32>,
     /// The driver bound before vfplug rebound it (e.g. `iavf`), to rebind on release.
     pub driver: Option<String>,
+    /// VLAN protocol, if the driver reports it (older logs lack it: 802.1Q).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan_proto: Option<VlanProto>,
 }
 
 /// An ownership of a VF.
@@ -111,6 +115,9 @@ pub struct Lease {
     /// by CNI); releasing it returns it to kubelet's accounting instead of to Free.
     #[serde(default)]
     pub from_kubelet: bool,
+    /// What the CNI ADD did (set by `Reserved → Configured`): DEL, CHECK and GC work from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<Box<CniAttachment>>,
 }
 
 /// The state of one VF. See the module docs for the transitions.
@@ -284,6 +291,8 @@ pub enum Step {
     Configure {
         /// The VF's settings as found.
         saved: SavedVfState,
+        /// What the CNI ADD is about to do, if this lease is a CNI attachment.
+        cni: Option<Box<CniAttachment>>,
     },
     /// `Configured → Attaching`: about to `device_add`.
     Attach {
@@ -687,6 +696,19 @@ impl Ledger {
         self.vfs.get(pci).map(|s| (*pci, s))
     }
 
+    /// The VF held by the CNI attachment (container ID, interface), whatever the pod UID (a CNI
+    /// DEL may not be told the pod UID). Looks through `Missing`, not at `Quarantined`.
+    pub fn find_by_attachment(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Option<(PciAddress, &VfState)> {
+        self.by_owner
+            .iter()
+            .find(|(o, _)| o.container_id == container_id && o.ifname == ifname)
+            .and_then(|(_, pci)| self.vfs.get(pci).map(|s| (*pci, s)))
+    }
+
     /// All VFs held by a pod (any container, any interface).
     pub fn find_by_pod<'a>(
         &'a self,
@@ -753,6 +775,7 @@ impl Ledger {
             token,
             saved: None,
             from_kubelet,
+            cni: None,
         };
         Ok(Self::set(pci, from, VfState::Reserved { lease }))
     }
@@ -837,9 +860,10 @@ impl Ledger {
             action: step.name(),
         };
         let to = match (from, &step) {
-            (Reserved { .. }, Step::Configure { saved }) => Configured {
+            (Reserved { .. }, Step::Configure { saved, cni }) => Configured {
                 lease: Lease {
                     saved: Some(saved.clone()),
+                    cni: cni.clone(),
                     ..lease
                 },
             },

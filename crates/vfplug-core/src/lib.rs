@@ -6,7 +6,8 @@
 //! sriov-network-device-plugin's JSON, then validates), [`selector`] (which VF is in which pool:
 //! [`assign_pools`]), [`alloc`] (GetPreferredAllocation policies: [`preferred`]) and [`ledger`]
 //! (who owns each VF, with fencing tokens and write-ahead [`Record`]s; the state machine of
-//! DESIGN.md §4). Adapters (`vfplug-host`, `vfplug-kubelet`, `vfplug-agent`) do the I/O and call
+//! DESIGN.md §4) and [`vfconf`] (what a CNI attachment asks of a VF and what the ledger keeps
+//! of it). Adapters (`vfplug-host`, `vfplug-kubelet`, `vfplug-agent`) do the I/O and call
 //! into these types.
 
 pub mod alloc;
@@ -15,6 +16,7 @@ pub mod device;
 pub mod ledger;
 pub mod pci;
 pub mod selector;
+pub mod vfconf;
 
 pub use alloc::{AllocPolicy, Candidate, preferred};
 pub use config::{
@@ -29,4 +31,8 @@ pub use ledger::{
 pub use pci::{PciAddress, PciAddressError};
 pub use selector::{
     PfNameSelector, RootDeviceSelector, Selectors, VfIndexError, VfIndexSet, assign_pools, pool_of,
+};
+pub use vfconf::{
+    AttachMode, CniAttachment, MacAddr, MacAddrError, NetdevPlacement, VfConfig, VfConfigError,
+    VlanProto,
 };

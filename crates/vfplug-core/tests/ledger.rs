@@ -68,6 +68,7 @@ fn full_vm_lifecycle_and_replay() {
             t,
             Step::Configure {
                 saved: saved.clone(),
+                cni: None,
             },
         )
     });
@@ -221,6 +222,7 @@ fn kubelet_allocations() {
         t,
         Step::Configure {
             saved: SavedVfState::default(),
+            cni: None,
         },
     ))
     .unwrap();
@@ -273,6 +275,7 @@ fn invalid_transitions_are_typed_errors() {
         t,
         Step::Configure {
             saved: SavedVfState::default(),
+            cni: None,
         },
     ))
     .unwrap();
@@ -282,7 +285,8 @@ fn invalid_transitions_are_typed_errors() {
             p,
             t,
             Step::Configure {
-                saved: SavedVfState::default()
+                saved: SavedVfState::default(),
+                cni: None,
             }
         )
         .is_err()
@@ -316,6 +320,7 @@ fn apply_rejects_corrupt_or_reordered_records() {
                 token: 99,
                 saved: None,
                 from_kubelet: false,
+                cni: None,
             },
             alias: "x".into(),
             vm: "v".into(),
@@ -484,6 +489,20 @@ fn step(n: u8, t: u64) -> Step {
                 vlan: 7,
                 ..Default::default()
             },
+            // Exercise the attachment's serde through snapshots and replays.
+            cni: Some(Box::new(vfplug_core::CniAttachment {
+                network: "net-a".into(),
+                netns: "/run/netns/p".into(),
+                netdev: Some(vfplug_core::NetdevPlacement {
+                    host_name: "ens1f0v3".into(),
+                    host_mtu: 1500,
+                    altnames: vec!["enp59s0f0v3".into()],
+                    pod_ifname: "net1".into(),
+                    pod_mtu: 9000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
         },
         1 => Step::Attach {
             alias: "hostdev-net1".into(),

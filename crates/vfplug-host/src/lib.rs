@@ -29,7 +29,10 @@ pub mod driver;
 pub mod error;
 #[cfg(any(test, feature = "fixture"))]
 pub mod fixture;
+pub mod net;
+pub mod sim;
 pub mod sysfs;
+pub mod vfset;
 pub mod watch;
 
 pub use error::HostError;

@@ -1,0 +1,280 @@
+//! An in-memory [`VfNetlink`]: a simulated PF that keeps each VF's settings, for fake nodes
+//! (`vfplugd --vf-netlink simulated`, the demo) and for fault injection in tests.
+//!
+//! A [`DriverProfile`] says which knobs the "driver" refuses with EOPNOTSUPP (igb refuses link
+//! state); [`SimVfNetlink::fail_next`] makes the next calls for a knob fail (EBUSY or any
+//! errno) so tests can prove rollbacks. Every successful or failed call is logged in order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use vfplug_core::{VfLinkState, VlanProto};
+
+use crate::net::{NetError, VfChange, VfNetlink, VfSettings};
+
+/// Which knobs a simulated driver refuses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriverProfile {
+    /// Knob names (as [`VfChange::knob`]) answered with EOPNOTSUPP.
+    pub unsupported: Vec<&'static str>,
+}
+
+impl DriverProfile {
+    /// Like igb: everything but link state.
+    pub fn igb() -> Self {
+        Self {
+            unsupported: vec!["link_state"],
+        }
+    }
+}
+
+/// An injected failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// EBUSY that outlasts the retries ([`NetError::Busy`]).
+    Busy,
+    /// EOPNOTSUPP.
+    NotSupported,
+    /// Any other errno.
+    Errno(i32),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    vfs: BTreeMap<(String, u32), VfSettings>,
+    faults: BTreeMap<&'static str, VecDeque<Fault>>,
+    log: Vec<String>,
+}
+
+/// The simulated PFs. See the module docs.
+#[derive(Debug, Default)]
+pub struct SimVfNetlink {
+    profile: DriverProfile,
+    inner: Mutex<Inner>,
+}
+
+impl SimVfNetlink {
+    /// A simulation where every VF of every PF exists with default settings (as a freshly
+    /// created VF has them: no MAC, no VLAN, spoofchk on, trust off, link state auto).
+    pub fn new(profile: DriverProfile) -> Self {
+        Self {
+            profile,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock (only possible in a test) leaves plain data behind.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn fresh() -> VfSettings {
+        VfSettings {
+            spoofchk: Some(true),
+            trust: Some(false),
+            link_state: Some(VfLinkState::Auto),
+            ..VfSettings::default()
+        }
+    }
+
+    /// Sets a VF's settings directly (as if someone ran `ip link set` behind vfplug's back).
+    pub fn put(&self, pf: &str, vf: u32, s: VfSettings) {
+        self.lock().vfs.insert((pf.to_owned(), vf), s);
+    }
+
+    /// The next `n` calls changing `knob` fail with `fault`.
+    pub fn fail_next(&self, knob: &'static str, fault: Fault, n: usize) {
+        let mut g = self.lock();
+        let q = g.faults.entry(knob).or_default();
+        for _ in 0..n {
+            q.push_back(fault);
+        }
+    }
+
+    /// Every call so far, e.g. `"set ens1f0 vf 3 vlan=100 qos=0 proto=802.1q"`, `"failed ..."`.
+    pub fn log(&self) -> Vec<String> {
+        self.lock().log.clone()
+    }
+}
+
+fn describe(c: &VfChange) -> String {
+    match c {
+        VfChange::Mac(m) => format!("mac={m}"),
+        VfChange::Vlan { vlan, qos, proto } => format!("vlan={vlan} qos={qos} proto={proto}"),
+        VfChange::SpoofChk(b) => format!("spoofchk={b}"),
+        VfChange::Trust(b) => format!("trust={b}"),
+        VfChange::LinkState(l) => format!("link_state={l}"),
+        VfChange::Rate { min, max } => format!("min_tx_rate={min} max_tx_rate={max}"),
+    }
+}
+
+impl VfNetlink for SimVfNetlink {
+    fn read_vf(&self, pf: &str, vf: u32) -> Result<VfSettings, NetError> {
+        let g = self.lock();
+        let mut s = g
+            .vfs
+            .get(&(pf.to_owned(), vf))
+            .cloned()
+            .unwrap_or_else(Self::fresh);
+        if self.profile.unsupported.contains(&"link_state") {
+            s.link_state = None;
+        }
+        Ok(s)
+    }
+
+    fn set_vf(&self, pf: &str, vf: u32, change: VfChange) -> Result<(), NetError> {
+        let mut g = self.lock();
+        let what = format!("set {pf} vf {vf} {}", describe(&change));
+        let op = || format!("{pf} vf {vf} {}", change.knob());
+        let fault = g
+            .faults
+            .get_mut(change.knob())
+            .and_then(VecDeque::pop_front);
+        let fault = fault.or_else(|| {
+            self.profile
+                .unsupported
+                .contains(&change.knob())
+                .then_some(Fault::NotSupported)
+        });
+        if let Some(f) = fault {
+            g.log.push(format!("failed {what}: {f:?}"));
+            return Err(match f {
+                Fault::Busy => NetError::Busy {
+                    op: op(),
+                    attempts: 1,
+                },
+                Fault::NotSupported => NetError::NotSupported { op: op() },
+                Fault::Errno(n) => NetError::Kernel {
+                    op: op(),
+                    source: std::io::Error::from_raw_os_error(n),
+                },
+            });
+        }
+        let s = g.vfs.entry((pf.to_owned(), vf)).or_insert_with(Self::fresh);
+        match change {
+            VfChange::Mac(m) => s.mac = m,
+            VfChange::Vlan { vlan, qos, proto } => {
+                s.vlan = vlan;
+                s.qos = qos;
+                s.vlan_proto = if vlan == 0 { VlanProto::Dot1Q } else { proto };
+            }
+            VfChange::SpoofChk(b) => s.spoofchk = Some(b),
+            VfChange::Trust(b) => s.trust = Some(b),
+            VfChange::LinkState(l) => s.link_state = Some(l),
+            VfChange::Rate { min, max } => {
+                if max != 0 && min > max {
+                    g.log.push(format!("failed {what}: EINVAL"));
+                    return Err(NetError::Kernel {
+                        op: op(),
+                        source: std::io::Error::from_raw_os_error(libc_einval()),
+                    });
+                }
+                s.min_tx_rate = min;
+                s.max_tx_rate = max;
+            }
+        }
+        g.log.push(what);
+        Ok(())
+    }
+}
+
+const fn libc_einval() -> i32 {
+    22
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfset::{apply_vf_config, check_vf_config, restore_vf_config, saved_from};
+    use vfplug_core::{MacAddr, VfConfig};
+
+    fn cfg() -> VfConfig {
+        VfConfig {
+            mac: Some("02:00:00:00:00:42".parse().unwrap()),
+            vlan: Some(100),
+            vlan_qos: Some(3),
+            vlan_proto: Some(VlanProto::Dot1Ad),
+            spoofchk: Some(false),
+            trust: Some(true),
+            link_state: Some(VfLinkState::Enable),
+            min_tx_rate: Some(0),
+            max_tx_rate: Some(500),
+            mtu: None,
+        }
+    }
+
+    #[test]
+    fn apply_check_restore_round_trip() {
+        let nl = SimVfNetlink::new(DriverProfile::default());
+        let before = nl.read_vf("pf0", 2).unwrap();
+        let saved = saved_from(&before);
+        let r = apply_vf_config(&nl, "pf0", 2, &cfg(), &saved).unwrap();
+        assert!(r.skipped.is_empty());
+        let now = nl.read_vf("pf0", 2).unwrap();
+        assert_eq!(check_vf_config(&now, &cfg(), &[]), Vec::<String>::new());
+        assert_eq!(now.vlan_proto, VlanProto::Dot1Ad);
+        restore_vf_config(&nl, "pf0", 2, &saved, &cfg(), &[]).unwrap();
+        assert_eq!(nl.read_vf("pf0", 2).unwrap(), before);
+        assert!(!check_vf_config(&before, &cfg(), &[]).is_empty());
+    }
+
+    #[test]
+    fn unsupported_optional_knob_is_skipped_not_half_applied() {
+        let nl = SimVfNetlink::new(DriverProfile::igb());
+        let saved = saved_from(&nl.read_vf("pf0", 0).unwrap());
+        let r = apply_vf_config(&nl, "pf0", 0, &cfg(), &saved).unwrap();
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].starts_with("link_state:"), "{r:?}");
+        let now = nl.read_vf("pf0", 0).unwrap();
+        assert_eq!(
+            check_vf_config(&now, &cfg(), &r.skipped),
+            Vec::<String>::new()
+        );
+        assert_eq!(now.max_tx_rate, 500);
+    }
+
+    #[test]
+    fn failing_knob_rolls_back_everything_before_it() {
+        let nl = SimVfNetlink::new(DriverProfile::default());
+        let before = nl.read_vf("pf0", 1).unwrap();
+        let saved = saved_from(&before);
+        nl.fail_next("trust", Fault::Errno(5), 1);
+        let e = apply_vf_config(&nl, "pf0", 1, &cfg(), &saved).unwrap_err();
+        assert_eq!(e.knob, "trust");
+        assert!(e.rollback.is_empty());
+        assert_eq!(nl.read_vf("pf0", 1).unwrap(), before, "{:#?}", nl.log());
+    }
+
+    #[test]
+    fn unsupported_mac_is_an_error() {
+        let nl = SimVfNetlink::new(DriverProfile {
+            unsupported: vec!["mac"],
+        });
+        let saved = saved_from(&nl.read_vf("pf0", 1).unwrap());
+        let e = apply_vf_config(&nl, "pf0", 1, &cfg(), &saved).unwrap_err();
+        assert_eq!(e.knob, "mac");
+        assert_eq!(nl.read_vf("pf0", 1).unwrap().vlan, 0);
+    }
+
+    #[test]
+    fn clearing_mac_falls_back_to_alt_zero() {
+        let nl = SimVfNetlink::new(DriverProfile::default());
+        nl.put(
+            "pf0",
+            4,
+            VfSettings {
+                mac: MacAddr([2, 1, 1, 1, 1, 1]),
+                ..SimVfNetlink::fresh()
+            },
+        );
+        let saved = saved_from(&SimVfNetlink::fresh());
+        nl.fail_next("mac", Fault::Errno(22), 1);
+        restore_vf_config(&nl, "pf0", 4, &saved, &VfConfig::default(), &[]).unwrap();
+        assert_eq!(
+            nl.read_vf("pf0", 4).unwrap().mac,
+            crate::vfset::ALT_ZERO_MAC
+        );
+    }
+}
