@@ -146,7 +146,7 @@ pub fn apply_vf_config(
     vf: u32,
     cfg: &VfConfig,
     saved: &SavedVfState,
-) -> Result<ApplyReport, ApplyError> {
+) -> Result<ApplyReport, Box<ApplyError>> {
     let mut report = ApplyReport::default();
     let mut done: Vec<VfChange> = Vec::new();
     for change in changes_for(cfg) {
@@ -170,13 +170,13 @@ pub fn apply_vf_config(
                         rollback.push(e);
                     }
                 }
-                return Err(ApplyError {
+                return Err(Box::new(ApplyError {
                     pf: pf.to_owned(),
                     vf,
                     knob: change.knob(),
                     error,
                     rollback,
-                });
+                }));
             }
         }
     }
