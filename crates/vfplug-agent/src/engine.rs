@@ -70,29 +70,32 @@ pub enum AgentError {
     /// A task panicked.
     #[error("internal task failed: {0}")]
     Join(String),
+    /// The node API socket cannot be served.
+    #[error("node API socket: {0}")]
+    NodeSocket(String),
 }
 
 /// State shared by the reconcile loop and the pools' backends.
-struct Shared {
-    opts: AgentOptions,
-    state: Mutex<State>,
+pub(crate) struct Shared {
+    pub(crate) opts: AgentOptions,
+    pub(crate) state: Mutex<State>,
     wal: Mutex<Wal<Ledger, Record>>,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
 }
 
-struct State {
-    config: Arc<Config>,
-    inventory: Inventory,
-    ledger: Ledger,
+pub(crate) struct State {
+    pub(crate) config: Arc<Config>,
+    pub(crate) inventory: Inventory,
+    pub(crate) ledger: Ledger,
     /// Pool membership: resource name → VFs.
-    members: BTreeMap<String, Vec<PciAddress>>,
+    pub(crate) members: BTreeMap<String, Vec<PciAddress>>,
     /// When a VF was last given out by Allocate, or last seen in PodResources.
     kubelet_seen: HashMap<PciAddress, Instant>,
     /// Start of this process: the grace period for kubelet allocations learned before it.
     started: Instant,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock means a panic mid-update elsewhere; the state itself is still the last
     // consistent one we wrote (ledger changes are applied in one call), so keep going.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -102,7 +105,12 @@ impl Shared {
     /// Appends each record and applies it at once, so the in-memory ledger always equals what a
     /// replay of the log would give, even when an append fails half-way; then syncs if asked.
     /// Callers act on the records only after this returns `Ok`.
-    fn commit(&self, st: &mut State, records: Vec<Record>, sync: bool) -> Result<(), WalError> {
+    pub(crate) fn commit(
+        &self,
+        st: &mut State,
+        records: Vec<Record>,
+        sync: bool,
+    ) -> Result<(), WalError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -184,9 +192,30 @@ impl Agent {
         });
         let mut registry = Registry::default();
         shared.metrics.register(&mut registry);
+        // The first inventory is in the ledger before the node API answers anything.
+        apply_inventory(&shared, inventory)?;
 
         let (ready_tx, ready_rx) = watch::channel(false);
-        let task = tokio::spawn(run(Arc::clone(&shared), inventory, cancel, ready_tx));
+        let node_api = match shared.opts.node_socket.clone() {
+            Some(path) => Some(crate::node::serve(
+                Arc::clone(&shared),
+                ready_rx.clone(),
+                &path,
+                cancel.child_token(),
+            )?),
+            None => None,
+        };
+        let main = tokio::spawn(run(Arc::clone(&shared), cancel, ready_tx));
+        let task = tokio::spawn(async move {
+            let result = main.await.map_err(|e| AgentError::Join(e.to_string()))?;
+            if let Some(api) = node_api {
+                // The loop's cancellation token is the node API's parent: it is stopping too.
+                if let Err(e) = api.await {
+                    warn!(error = %e, "node API task failed");
+                }
+            }
+            result
+        });
         Ok(Self {
             ready: ready_rx,
             registry: Arc::new(registry),
@@ -233,7 +262,6 @@ struct PoolRuntime {
 
 async fn run(
     shared: Arc<Shared>,
-    first_inventory: Inventory,
     cancel: CancellationToken,
     ready: watch::Sender<bool>,
 ) -> Result<(), AgentError> {
@@ -254,7 +282,6 @@ async fn run(
     );
     let mut podres_state = podres.state();
 
-    apply_inventory(&shared, first_inventory)?;
     sync_pools(&shared, &mut pools, &cancel);
     bind_vfio_where_configured(&shared).await;
 
@@ -493,7 +520,7 @@ fn push_devices(shared: &Shared, pools: &BTreeMap<String, PoolRuntime>) {
 }
 
 /// Whether a VF may be handed out by the kubelet right now.
-fn vf_healthy(st: &State, pool: &PoolConfig, vf: &VfInfo) -> bool {
+pub(crate) fn vf_healthy(st: &State, pool: &PoolConfig, vf: &VfInfo) -> bool {
     let held_elsewhere = !matches!(
         st.ledger.get(&vf.pci),
         None | Some(VfState::Free) | Some(VfState::KubeletAllocated { .. })
@@ -510,7 +537,7 @@ fn vf_healthy(st: &State, pool: &PoolConfig, vf: &VfInfo) -> bool {
 }
 
 /// A VF whose driver does not match the pool's mode is not usable as advertised.
-fn driver_fits(pool: &PoolConfig, driver: Option<&str>) -> bool {
+pub(crate) fn driver_fits(pool: &PoolConfig, driver: Option<&str>) -> bool {
     match (pool.device_mode, driver) {
         (DeviceMode::Vfio, Some(d)) => d == VFIO_PCI,
         (DeviceMode::Vfio, None) => false,

@@ -31,6 +31,15 @@ pub struct RegistrationLabel {
     pub result: String,
 }
 
+/// Labels of node-API (CNI) operations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CniOpLabel {
+    /// `add`, `del`, `check`.
+    pub op: String,
+    /// `ok`, `error`, `noop`, `quarantined`.
+    pub result: String,
+}
+
 /// Every metric vfplugd exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -48,9 +57,21 @@ pub struct Metrics {
     pub scans: Counter,
     /// Config reloads that failed validation (the old config stays in force).
     pub config_reload_errors: Counter,
+    /// Node-API operations by result.
+    pub cni: Family<CniOpLabel, Counter>,
 }
 
 impl Metrics {
+    /// Counts one node-API operation.
+    pub fn cni_ops(&self, op: &str, result: &str) {
+        self.cni
+            .get_or_create(&CniOpLabel {
+                op: op.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
     /// Registers all metrics in `registry` under the `vfplug` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("vfplug");
@@ -76,6 +97,11 @@ impl Metrics {
             self.registrations.clone(),
         );
         r.register("inventory_scans", "Inventory scans", self.scans.clone());
+        r.register(
+            "cni_operations",
+            "Node-API (CNI) operations by result",
+            self.cni.clone(),
+        );
         r.register(
             "config_reload_errors",
             "Config reloads rejected by validation",

@@ -1,7 +1,10 @@
 //! Runtime options of the agent (paths and timings). Pools come from the config file instead.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use vfplug_host::net::{NetdevOps, VfNetlink};
 
 /// How vfplugd registers with the kubelet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -40,10 +43,17 @@ pub struct AgentOptions {
     pub poll_interval: Duration,
     /// How often the kubelet's PodResources API is asked for its allocations.
     pub podresources_interval: Duration,
+    /// Where the node API (`proto/vfplug/v1`) is served; `None`: not served.
+    pub node_socket: Option<PathBuf>,
+    /// VF settings through the PF: real netlink, or a simulated PF on fake nodes.
+    pub vf_netlink: Arc<dyn VfNetlink>,
+    /// Netdev placement into pods.
+    pub netdev_ops: Arc<dyn NetdevOps>,
 }
 
 impl AgentOptions {
-    /// Options rooted in one directory, as tests and the demo use them.
+    /// Options rooted in one directory, as tests and the demo use them: a simulated PF for VF
+    /// settings and simulated netdevs (tests swap in real ones), the node API at `<root>/vfplugd.sock`.
     pub fn rooted(root: &std::path::Path, config_path: PathBuf) -> Self {
         Self {
             node_name: "test-node".into(),
@@ -57,6 +67,9 @@ impl AgentOptions {
             resync_interval: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),
             podresources_interval: Duration::from_secs(5),
+            node_socket: Some(root.join("vfplugd.sock")),
+            vf_netlink: Arc::new(vfplug_host::sim::SimVfNetlink::default()),
+            netdev_ops: Arc::new(vfplug_host::sim::SimNetdevOps::default()),
         }
     }
 }

@@ -558,6 +558,14 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
                 && a.token == b.token
                 && a.from_kubelet == b.from_kubelet
         }
+        // An amended attachment record (what the driver skipped); nothing else may change.
+        (Configured { lease: a }, Configured { lease: b }) => {
+            a.owner == b.owner
+                && a.token == b.token
+                && a.saved == b.saved
+                && a.from_kubelet == b.from_kubelet
+                && a.cni != b.cni
+        }
         (Configured { lease: a }, Attaching { lease: b, .. }) => a == b,
         (
             Attaching { lease: a, alias: x },
@@ -922,6 +930,38 @@ impl Ledger {
             (Detaching { .. }, Step::Detached) => Releasing { lease },
             (Reserved { .. } | Configured { .. }, Step::BeginRelease) => Releasing { lease },
             _ => return Err(invalid()),
+        };
+        check_transition(pci, from, &to)?;
+        Ok(Self::set(pci, from, to))
+    }
+
+    /// Rewrites the attachment record of a Configured VF (e.g. to note knobs the driver
+    /// skipped), fenced by `token`. Owner, token and saved settings stay as they are.
+    pub fn plan_amend_cni(
+        &self,
+        pci: PciAddress,
+        token: Token,
+        cni: CniAttachment,
+    ) -> Result<Record, LedgerError> {
+        let (from, lease) = self.fenced_lease(pci, token)?;
+        let VfState::Configured { .. } = from else {
+            return Err(LedgerError::InvalidTransition {
+                pci,
+                from: from.kind(),
+                action: "amend the attachment record",
+            });
+        };
+        if lease.cni.as_deref() == Some(&cni) {
+            return Err(LedgerError::NoChange {
+                pci,
+                state: from.kind(),
+            });
+        }
+        let to = VfState::Configured {
+            lease: Lease {
+                cni: Some(Box::new(cni)),
+                ..lease.clone()
+            },
         };
         check_transition(pci, from, &to)?;
         Ok(Self::set(pci, from, to))

@@ -1,4 +1,4 @@
-//! An in-memory [`VfNetlink`]: a simulated PF that keeps each VF's settings, for fake nodes
+//! In-memory [`VfNetlink`] and [`NetdevOps`]. [`SimVfNetlink`] is a simulated PF that keeps each VF's settings, for fake nodes
 //! (`vfplugd --vf-netlink simulated`, the demo) and for fault injection in tests.
 //!
 //! A [`DriverProfile`] says which knobs the "driver" refuses with EOPNOTSUPP (igb refuses link
@@ -6,11 +6,15 @@
 //! errno) so tests can prove rollbacks. Every successful or failed call is logged in order.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use vfplug_core::{VfLinkState, VlanProto};
 
-use crate::net::{NetError, VfChange, VfNetlink, VfSettings};
+use crate::net::{
+    LinkInfo, NetError, NetdevOps, PlaceRequest, RetrieveRequest, Retrieved, VfChange, VfNetlink,
+    VfSettings,
+};
 
 /// Which knobs a simulated driver refuses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -182,6 +186,157 @@ impl VfNetlink for SimVfNetlink {
 
 const fn libc_einval() -> i32 {
     22
+}
+
+/// An in-memory [`NetdevOps`]: named netns (by path) holding links, for in-process tests of
+/// the node API without root (the real thing is `netdev::RtNetdevOps`). A netns "exists" once
+/// [`SimNetdevOps::add_netns`] made it; links in a deleted netns return to the host, as the
+/// kernel does with physical netdevs.
+#[derive(Debug, Default)]
+pub struct SimNetdevOps {
+    inner: Mutex<SimNet>,
+}
+
+#[derive(Debug, Default)]
+struct SimNet {
+    /// netns path (`None`: the host's) → links by name.
+    spaces: BTreeMap<Option<std::path::PathBuf>, BTreeMap<String, LinkInfo>>,
+    fail_place: usize,
+}
+
+impl SimNetdevOps {
+    fn lock(&self) -> MutexGuard<'_, SimNet> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a link to the host netns.
+    pub fn add_host_link(&self, link: LinkInfo) {
+        self.lock()
+            .spaces
+            .entry(None)
+            .or_default()
+            .insert(link.name.clone(), link);
+    }
+
+    /// Creates a netns at `path`.
+    pub fn add_netns(&self, path: &Path) {
+        self.lock().spaces.entry(Some(path.to_owned())).or_default();
+    }
+
+    /// Deletes the netns at `path`; its links move to the host under their current names.
+    pub fn del_netns(&self, path: &Path) {
+        let mut g = self.lock();
+        if let Some(links) = g.spaces.remove(&Some(path.to_owned())) {
+            let host = g.spaces.entry(None).or_default();
+            for (name, mut l) in links {
+                l.addresses.clear();
+                l.up = false;
+                host.insert(name, l);
+            }
+        }
+    }
+
+    /// The next `n` calls of `place` fail after moving the link (and undo, as the real one).
+    pub fn fail_next_place(&self, n: usize) {
+        self.lock().fail_place += n;
+    }
+}
+
+impl NetdevOps for SimNetdevOps {
+    fn link(&self, netns: Option<&Path>, name: &str) -> Result<Option<LinkInfo>, NetError> {
+        let g = self.lock();
+        let key = netns.map(Path::to_owned);
+        let space = g.spaces.get(&key).ok_or_else(|| NetError::Netns {
+            path: key.clone().unwrap_or_default(),
+            gone: true,
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        Ok(space.get(name).cloned())
+    }
+
+    fn place(&self, req: &PlaceRequest) -> Result<LinkInfo, NetError> {
+        let mut g = self.lock();
+        let ns = Some(req.netns.clone());
+        if !g.spaces.contains_key(&ns) {
+            return Err(NetError::Netns {
+                path: req.netns.clone(),
+                gone: true,
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        if g.spaces[&ns].contains_key(&req.pod_ifname) {
+            return Err(NetError::Exists {
+                op: "rename in the pod".into(),
+                name: req.pod_ifname.clone(),
+            });
+        }
+        if g.fail_place > 0 {
+            g.fail_place -= 1;
+            return Err(NetError::Kernel {
+                op: "set link up (injected)".into(),
+                source: std::io::Error::from_raw_os_error(5),
+            });
+        }
+        let mut link = g
+            .spaces
+            .entry(None)
+            .or_default()
+            .remove(&req.host_name)
+            .ok_or_else(|| NetError::NoSuchLink {
+                name: req.host_name.clone(),
+                netns: None,
+            })?;
+        link.name = req.pod_ifname.clone();
+        link.altnames.clear();
+        if let Some(m) = req.mac {
+            link.mac = Some(m);
+        }
+        if let Some(m) = req.mtu {
+            link.mtu = m;
+        }
+        link.up = true;
+        link.addresses = req.addresses.clone();
+        g.spaces
+            .entry(ns)
+            .or_default()
+            .insert(link.name.clone(), link.clone());
+        Ok(link)
+    }
+
+    fn retrieve(&self, req: &RetrieveRequest) -> Result<Retrieved, NetError> {
+        let mut g = self.lock();
+        let mut found = None;
+        if let Some(ns) = &req.netns
+            && let Some(space) = g.spaces.get_mut(&Some(ns.clone()))
+            && let Some(l) = space.remove(&req.pod_ifname)
+        {
+            found = Some((l, Retrieved::FromPod));
+        }
+        if found.is_none() {
+            let host = g.spaces.entry(None).or_default();
+            for c in &req.host_candidates {
+                if let Some(l) = host.remove(c) {
+                    found = Some((l, Retrieved::FromHost));
+                    break;
+                }
+            }
+        }
+        let Some((mut l, how)) = found else {
+            return Ok(Retrieved::NotFound);
+        };
+        l.name = req.host_name.clone();
+        if req.host_mac.is_some() {
+            l.mac = req.host_mac;
+        }
+        l.mtu = req.host_mtu;
+        l.altnames = req.altnames.clone();
+        l.up = false;
+        l.addresses.clear();
+        g.spaces.entry(None).or_default().insert(l.name.clone(), l);
+        Ok(how)
+    }
 }
 
 #[cfg(test)]

@@ -52,6 +52,26 @@ impl SysfsInventory {
         &self.root
     }
 
+    /// The netdev names a PCI function has in the reader's netns right now (`net/` of the
+    /// device), sorted. Empty when it has none (vfio-pci, or moved to another netns), or when the
+    /// device is gone.
+    pub fn netdevs_of(&self, pci: vfplug_core::PciAddress) -> Vec<String> {
+        let dir = self
+            .root
+            .join("bus/pci/devices")
+            .join(pci.to_string())
+            .join("net");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// Scans all SR-IOV PFs and their VFs.
     ///
     /// Fails only when `bus/pci/devices` cannot be listed; individual broken PFs and vanished

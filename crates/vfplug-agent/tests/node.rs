@@ -1,0 +1,722 @@
+//! The node API end to end, in-process: the agent on a fake sysfs tree with a simulated PF and
+//! simulated netdevs (fault injection), called over its real unix socket with the generated
+//! client. The real netlink and the real CNI binary are exercised in vfplug-cni's and
+//! vfplug-host's tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use vfplug_agent::{Agent, AgentOptions};
+use vfplug_api::v1;
+use vfplug_api::v1::node_client::NodeClient;
+use vfplug_core::{MacAddr, VfLinkState};
+use vfplug_host::fixture::{SysfsBuilder, VfSpec};
+use vfplug_host::net::{LinkInfo, NetdevOps, VfNetlink, VfSettings};
+use vfplug_host::sim::{DriverProfile, Fault, SimNetdevOps, SimVfNetlink};
+use vfplug_kubelet::testing::FakeKubelet;
+
+const CONFIG: &str = r#"
+resourcePrefix: vfplug.io
+pools:
+  - name: net
+    deviceMode: netdev
+    selectors: { pfNames: ["ens1f0"] }
+  - name: vm
+    deviceMode: vfio
+    selectors: { pfNames: ["ens1f1"] }
+"#;
+
+fn host_mac(i: u32) -> MacAddr {
+    MacAddr([0x02, 0xaa, 0, 0, 0, i as u8])
+}
+
+struct Node {
+    /// VF addresses: `vfs[0..4]` on ens1f0 (netdev pool), `vfs[4..6]` on ens1f1 (vfio pool).
+    vfs: Vec<String>,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    pf: Arc<SimVfNetlink>,
+    net: Arc<SimNetdevOps>,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    client: NodeClient<tonic::transport::Channel>,
+    _kubelet: FakeKubelet,
+}
+
+impl Node {
+    async fn start(profile: DriverProfile) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let mut b = SysfsBuilder::new(&root.join("sys"));
+        b.pf("0000:3b:00.0")
+            .driver("i40e")
+            .netdev("ens1f0")
+            .vfs(4, |i| {
+                VfSpec::new().driver("iavf").netdev(format!("ens1f0v{i}"))
+            })
+            .build()
+            .unwrap();
+        b.pf("0000:5e:00.0")
+            .driver("i40e")
+            .netdev("ens1f1")
+            .vfs(2, |_| VfSpec::new().driver("vfio-pci"))
+            .build()
+            .unwrap();
+        let mut vfs: Vec<String> = (0..4)
+            .map(|i| b.vf_address("0000:3b:00.0", i).unwrap().to_string())
+            .collect();
+        vfs.extend((0..2).map(|i| b.vf_address("0000:5e:00.0", i).unwrap().to_string()));
+        std::fs::write(root.join("config.yaml"), CONFIG).unwrap();
+        let net = Arc::new(SimNetdevOps::default());
+        for i in 0..4 {
+            net.add_host_link(LinkInfo {
+                index: 10 + i,
+                name: format!("ens1f0v{i}"),
+                mac: Some(host_mac(i)),
+                mtu: 1500,
+                altnames: vec![format!("enp59s0f0v{i}")],
+                ..Default::default()
+            });
+        }
+        let pf = Arc::new(SimVfNetlink::new(profile));
+        let kubelet = FakeKubelet::start(&root.join("kubelet")).await.unwrap();
+        let mut node = Self {
+            vfs,
+            _dir: dir,
+            root,
+            pf,
+            net,
+            cancel: CancellationToken::new(),
+            task: None,
+            client: NodeClient::new(
+                tonic::transport::Channel::from_static("http://x").connect_lazy(),
+            ),
+            _kubelet: kubelet,
+        };
+        node.boot().await;
+        node
+    }
+
+    async fn boot(&mut self) {
+        let mut o = AgentOptions::rooted(&self.root, self.root.join("config.yaml"));
+        o.vf_netlink = self.pf.clone();
+        o.netdev_ops = self.net.clone();
+        self.cancel = CancellationToken::new();
+        let agent = Agent::start(o, self.cancel.clone())
+            .await
+            .expect("agent starts");
+        self.task = Some(tokio::spawn(async move {
+            agent.wait().await.expect("clean stop")
+        }));
+        let ch = vfplug_api::connect(&self.root.join("vfplugd.sock"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        self.client = NodeClient::new(ch);
+    }
+
+    async fn restart(&mut self) {
+        self.cancel.cancel();
+        self.task.take().unwrap().await.unwrap();
+        assert!(
+            !self.root.join("vfplugd.sock").exists(),
+            "socket removed on stop"
+        );
+        self.boot().await;
+    }
+
+    fn netns(&self, name: &str) -> PathBuf {
+        let p = self.root.join("netns").join(name);
+        self.net.add_netns(&p);
+        p
+    }
+
+    async fn add(&mut self, req: v1::AddRequest) -> Result<v1::AddResponse, (u32, String)> {
+        self.client
+            .add(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| (vfplug_api::cni_code_of(&s).0, s.message().to_owned()))
+    }
+
+    async fn del(&mut self, cid: &str, ifname: &str, netns: &str) -> v1::DelResponse {
+        self.client
+            .del(v1::DelRequest {
+                attachment: Some(att(cid, ifname)),
+                netns: netns.into(),
+                network: "net-a".into(),
+                device_id: String::new(),
+            })
+            .await
+            .expect("DEL never fails")
+            .into_inner()
+    }
+
+    async fn check(
+        &mut self,
+        cid: &str,
+        ifname: &str,
+        cfg: v1::VfConfig,
+    ) -> Result<(), (u32, String)> {
+        self.client
+            .check(v1::CheckRequest {
+                attachment: Some(att(cid, ifname)),
+                config: Some(cfg),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| (vfplug_api::cni_code_of(&s).0, s.message().to_owned()))
+    }
+
+    async fn state_of(&mut self, pci: &str) -> v1::VfEntry {
+        let list = self
+            .client
+            .list(v1::ListRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        list.vfs.into_iter().find(|v| v.pci_address == pci).unwrap()
+    }
+
+    async fn wait_ready(&mut self) {
+        for _ in 0..200 {
+            let st = self
+                .client
+                .status(v1::StatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if !st.reason.contains("starting") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("vfplugd never became ready");
+    }
+
+    fn pf_settings(&self, i: u32) -> VfSettings {
+        self.pf.read_vf("ens1f0", i).unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn att(cid: &str, ifname: &str) -> v1::Attachment {
+    v1::Attachment {
+        container_id: cid.into(),
+        ifname: ifname.into(),
+        pod_uid: format!("uid-{cid}"),
+        ..Default::default()
+    }
+}
+
+fn full_config() -> v1::VfConfig {
+    v1::VfConfig {
+        mac: Some("02:00:00:00:00:42".into()),
+        vlan: Some(100),
+        vlan_qos: Some(3),
+        vlan_proto: Some("802.1ad".into()),
+        spoofchk: Some(false),
+        trust: Some(true),
+        link_state: Some("enable".into()),
+        min_tx_rate: Some(10),
+        max_tx_rate: Some(1000),
+        mtu: Some(9000),
+    }
+}
+
+fn add_req(cid: &str, netns: &Path, device: &str, cfg: v1::VfConfig) -> v1::AddRequest {
+    v1::AddRequest {
+        attachment: Some(att(cid, "net1")),
+        netns: netns.display().to_string(),
+        network: "net-a".into(),
+        device_id: device.into(),
+        pool: String::new(),
+        config: Some(cfg),
+        ips: vec![v1::IpConfig {
+            address: "10.9.0.5/24".into(),
+            gateway: "10.9.0.1".into(),
+        }],
+        routes: vec![v1::RouteConfig {
+            dst: "0.0.0.0/0".into(),
+            gw: String::new(),
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_configures_and_places_del_restores_everything() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("pod-a");
+    let before = n.pf_settings(1);
+
+    let r = n
+        .add(add_req("c1", &ns, &n.vfs[1].clone(), full_config()))
+        .await
+        .unwrap();
+    assert_eq!(r.pci_address, n.vfs[1]);
+    assert_eq!(r.mode, "netdev");
+    assert_eq!(
+        (r.ifname.as_str(), r.mac.as_str(), r.mtu),
+        ("net1", "02:00:00:00:00:42", 9000)
+    );
+    assert_eq!(r.sandbox, ns.display().to_string());
+    assert!(!r.existing && r.warnings.is_empty());
+
+    let s = n.pf_settings(1);
+    assert_eq!(
+        (s.vlan, s.qos, s.vlan_proto.to_string()),
+        (100, 3, "802.1ad".into())
+    );
+    assert_eq!(s.mac.to_string(), "02:00:00:00:00:42");
+    assert_eq!(
+        (s.spoofchk, s.trust, s.link_state),
+        (Some(false), Some(true), Some(VfLinkState::Enable))
+    );
+    assert_eq!((s.min_tx_rate, s.max_tx_rate), (10, 1000));
+    let pod = n.net.link(Some(&ns), "net1").unwrap().expect("in the pod");
+    assert_eq!((pod.mtu, pod.up, pod.addresses.len()), (9000, true, 1));
+    assert!(pod.altnames.is_empty(), "altnames removed before the move");
+    assert!(n.net.link(None, "ens1f0v1").unwrap().is_none());
+    let e = n.state_of(&n.vfs[1].clone()).await;
+    assert_eq!(
+        (e.state.as_str(), e.network.as_str(), e.mode.as_str()),
+        ("configured", "net-a", "netdev")
+    );
+    assert_eq!(e.owner.unwrap().container_id, "c1");
+
+    // Same attachment again: the first result, nothing redone.
+    let calls = n.pf.log().len();
+    let again = n
+        .add(add_req("c1", &ns, &n.vfs[1].clone(), full_config()))
+        .await
+        .unwrap();
+    assert!(again.existing);
+    assert_eq!(
+        (again.pci_address, again.token),
+        (r.pci_address.clone(), r.token)
+    );
+    assert_eq!(n.pf.log().len(), calls, "a repeated ADD touches nothing");
+
+    n.check("c1", "net1", full_config()).await.unwrap();
+
+    let d = n.del("c1", "net1", &ns.display().to_string()).await;
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.pf_settings(1), before, "{:#?}", n.pf.log());
+    let home = n.net.link(None, "ens1f0v1").unwrap().expect("back home");
+    assert_eq!(
+        (home.mac, home.mtu, home.up),
+        (Some(host_mac(1)), 1500, false)
+    );
+    assert_eq!(home.altnames, vec!["enp59s0f0v1".to_string()]);
+    assert_eq!(n.state_of(&n.vfs[1].clone()).await.state, "free");
+
+    // DEL again: nothing held, still success.
+    let d2 = n.del("c1", "net1", "").await;
+    assert!(!d2.released);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_allocation_without_device_id_and_exhaustion() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let mut got = Vec::new();
+    for i in 0..4 {
+        let ns = n.netns(&format!("p{i}"));
+        let mut req = add_req(&format!("c{i}"), &ns, "", v1::VfConfig::default());
+        req.pool = "net".into();
+        got.push(n.add(req).await.unwrap().pci_address);
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 4, "four distinct VFs");
+    let ns = n.netns("p9");
+    let mut req = add_req("c9", &ns, "", v1::VfConfig::default());
+    req.pool = "vfplug.io/net".into();
+    let (code, msg) = n.add(req).await.unwrap_err();
+    assert_eq!(code, 11, "{msg}");
+    assert!(msg.contains("no free"), "{msg}");
+    // Status for that pool says not ready, with the reason (once vfplugd itself is ready).
+    n.wait_ready().await;
+    let st = n
+        .client
+        .status(v1::StatusRequest { pool: "net".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.free, 0);
+    assert!(!st.ready && st.reason.contains("no free"), "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_add_leaves_nothing_behind() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("pod");
+    let before = n.pf_settings(2);
+
+    // A knob fails half-way through the PF settings.
+    n.pf.fail_next("trust", Fault::Errno(5), 1);
+    let (code, msg) = n
+        .add(add_req("c1", &ns, &n.vfs[2].clone(), full_config()))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 100, "{msg}");
+    assert!(msg.contains("trust"), "{msg}");
+    assert_eq!(n.pf_settings(2), before);
+    assert_eq!(n.state_of(&n.vfs[2].clone()).await.state, "free");
+    assert!(n.net.link(None, "ens1f0v2").unwrap().is_some());
+
+    // The netdev move fails after the PF settings were applied.
+    n.net.fail_next_place(1);
+    let (code, msg) = n
+        .add(add_req("c1", &ns, &n.vfs[2].clone(), full_config()))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 101, "{msg}");
+    assert_eq!(n.pf_settings(2), before, "{:#?}", n.pf.log());
+    assert_eq!(n.state_of(&n.vfs[2].clone()).await.state, "free");
+
+    // EBUSY that outlasts the retries: try again later.
+    n.pf.fail_next("vlan", Fault::Busy, 1);
+    let (code, _) = n
+        .add(add_req("c1", &ns, &n.vfs[2].clone(), full_config()))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 11);
+    assert_eq!(n.state_of(&n.vfs[2].clone()).await.state, "free");
+
+    // And then it works.
+    n.add(add_req("c1", &ns, &n.vfs[2].clone(), full_config()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_optional_knob_is_a_warning_and_check_and_restore_respect_it() {
+    let mut n = Node::start(DriverProfile::igb()).await;
+    let ns = n.netns("pod");
+    let before = n.pf_settings(0);
+    let r = n
+        .add(add_req("c1", &ns, &n.vfs[0].clone(), full_config()))
+        .await
+        .unwrap();
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    assert!(r.warnings[0].starts_with("link_state:"), "{r:?}");
+    n.check("c1", "net1", full_config()).await.unwrap();
+    assert!(n.del("c1", "net1", "").await.released);
+    assert_eq!(n.pf_settings(0), before);
+    assert!(
+        !n.pf
+            .log()
+            .iter()
+            .any(|l| l.contains("link_state") && !l.starts_with("failed")),
+        "restore never sets the skipped knob: {:#?}",
+        n.pf.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_del_never_touches_the_next_owner() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns_a = n.netns("a");
+    let ns_b = n.netns("b");
+    n.add(add_req("old", &ns_a, &n.vfs[3].clone(), full_config()))
+        .await
+        .unwrap();
+    assert!(n.del("old", "net1", "").await.released);
+    let mut cfg_b = full_config();
+    cfg_b.vlan = Some(200);
+    cfg_b.mac = Some("02:00:00:00:00:b0".into());
+    n.add(add_req("new", &ns_b, &n.vfs[3].clone(), cfg_b.clone()))
+        .await
+        .unwrap();
+    let settings_b = n.pf_settings(3);
+    // The old pod's DEL arrives again (kubelet retry), with the old deviceID as a hint.
+    let d = n
+        .client
+        .del(v1::DelRequest {
+            attachment: Some(att("old", "net1")),
+            netns: ns_a.display().to_string(),
+            network: "net-a".into(),
+            device_id: n.vfs[3].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!d.released);
+    assert_eq!(n.pf_settings(3), settings_b);
+    assert!(n.net.link(Some(&ns_b), "net1").unwrap().is_some());
+    n.check("new", "net1", cfg_b).await.unwrap();
+    // And a second attachment cannot take the held VF.
+    let ns_c = n.netns("c");
+    let (code, msg) = n
+        .add(add_req("other", &ns_c, &n.vfs[3].clone(), full_config()))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 102, "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_notices_drift() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("pod");
+    n.add(add_req("c1", &ns, &n.vfs[1].clone(), full_config()))
+        .await
+        .unwrap();
+    n.check("c1", "net1", full_config()).await.unwrap();
+    // Someone changes the VLAN behind vfplug's back.
+    let mut s = n.pf_settings(1);
+    s.vlan = 7;
+    n.pf.put("ens1f0", 1, s);
+    let (code, msg) = n.check("c1", "net1", full_config()).await.unwrap_err();
+    assert_eq!(code, 103);
+    assert!(msg.contains("vlan: want 100, VF has 7"), "{msg}");
+    // A config that is not the one ADD applied.
+    let mut other = full_config();
+    other.trust = Some(false);
+    assert_eq!(n.check("c1", "net1", other).await.unwrap_err().0, 103);
+    // Unknown attachment.
+    assert_eq!(
+        n.check("zz", "net1", full_config()).await.unwrap_err().0,
+        103
+    );
+    // The interface vanished from the pod.
+    n.pf.put("ens1f0", 1, {
+        let mut s = n.pf_settings(1);
+        s.vlan = 100;
+        s
+    });
+    n.check("c1", "net1", full_config()).await.unwrap();
+    n.net.del_netns(&ns);
+    let (code, msg) = n.check("c1", "net1", full_config()).await.unwrap_err();
+    assert_eq!(code, 103, "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_releases_only_stale_attachments_of_its_network() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    for (cid, net) in [
+        ("keep", "net-a"),
+        ("stale", "net-a"),
+        ("other-net", "net-b"),
+    ] {
+        let ns = n.netns(cid);
+        let mut req = add_req(cid, &ns, "", v1::VfConfig::default());
+        req.pool = "net".into();
+        req.network = net.into();
+        n.add(req).await.unwrap();
+    }
+    let r = n
+        .client
+        .gc(v1::GcRequest {
+            network: "net-a".into(),
+            valid: vec![att("keep", "net1")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.released.len(), 1, "{r:?}");
+    assert!(r.errors.is_empty());
+    let list = n
+        .client
+        .list(v1::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let held: Vec<String> = list
+        .vfs
+        .iter()
+        .filter_map(|v| v.owner.as_ref().map(|o| o.container_id.clone()))
+        .collect();
+    assert!(held.contains(&"keep".to_string()) && held.contains(&"other-net".to_string()));
+    assert!(!held.contains(&"stale".to_string()));
+    // GC without a network name is refused: it would not know what is its to collect.
+    let e = n.client.gc(v1::GcRequest::default()).await.unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&e).0, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn del_after_restart_and_after_the_netns_died_restores_from_the_ledger() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("pod");
+    let before = n.pf_settings(1);
+    n.add(add_req("c1", &ns, &n.vfs[1].clone(), full_config()))
+        .await
+        .unwrap();
+    n.restart().await;
+    // The pod's netns dies: the kernel moves the VF netdev home under its pod name.
+    n.net.del_netns(&ns);
+    assert!(n.net.link(None, "net1").unwrap().is_some());
+    // DEL with an empty CNI_NETNS, from a restarted vfplugd: the ledger knows everything.
+    let d = n.del("c1", "net1", "").await;
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.pf_settings(1), before);
+    let home = n.net.link(None, "ens1f0v1").unwrap().expect("renamed back");
+    assert_eq!(home.mac, Some(host_mac(1)));
+    assert!(n.net.link(None, "net1").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_restore_quarantines_and_del_still_succeeds() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("pod");
+    n.add(add_req("c1", &ns, &n.vfs[1].clone(), full_config()))
+        .await
+        .unwrap();
+    n.pf.fail_next("mac", Fault::Errno(5), 2);
+    let d = n.del("c1", "net1", "").await;
+    assert!(!d.released);
+    assert!(
+        d.warnings.iter().any(|w| w.contains("quarantined")),
+        "{d:?}"
+    );
+    let e = n.state_of(&n.vfs[1].clone()).await;
+    assert_eq!(e.state, "quarantined");
+    assert!(e.reason.contains("restore failed"), "{e:?}");
+    // The runtime retries the DEL: still success, still quarantined, never handed out.
+    let d2 = n.del("c1", "net1", "").await;
+    assert!(!d2.released && d2.note.contains("quarantined"), "{d2:?}");
+    let ns2 = n.netns("pod2");
+    let (code, _) = n
+        .add(add_req("c2", &ns2, &n.vfs[1].clone(), full_config()))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 102);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vfio_mode_needs_no_netns_work() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("vm");
+    let cfg = v1::VfConfig {
+        mac: Some("02:00:00:00:00:77".into()),
+        vlan: Some(42),
+        ..Default::default()
+    };
+    let r = n
+        .add(add_req("vm1", &ns, &n.vfs[4].clone(), cfg.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.mode.as_str(), r.ifname.as_str(), r.mac.as_str()),
+        ("vfio", "net1", "02:00:00:00:00:77")
+    );
+    assert_eq!(n.pf.read_vf("ens1f1", 0).unwrap().vlan, 42);
+    n.check("vm1", "net1", cfg).await.unwrap();
+    assert!(n.del("vm1", "net1", "").await.released);
+    assert_eq!(n.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_named_errors_and_change_nothing() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("pod");
+    let bad_cfg = |f: &dyn Fn(&mut v1::VfConfig)| {
+        let mut c = v1::VfConfig::default();
+        f(&mut c);
+        c
+    };
+    let cases: Vec<(v1::AddRequest, u32, &str)> = vec![
+        (
+            add_req(
+                "c",
+                &ns,
+                &n.vfs[0].clone(),
+                bad_cfg(&|c| c.mac = Some("zz".into())),
+            ),
+            7,
+            "mac",
+        ),
+        (
+            add_req(
+                "c",
+                &ns,
+                &n.vfs[0].clone(),
+                bad_cfg(&|c| c.vlan = Some(5000)),
+            ),
+            7,
+            "vlan",
+        ),
+        (
+            add_req(
+                "c",
+                &ns,
+                &n.vfs[0].clone(),
+                bad_cfg(&|c| c.vlan_qos = Some(2)),
+            ),
+            7,
+            "vlanQoS",
+        ),
+        (
+            add_req(
+                "c",
+                &ns,
+                &n.vfs[0].clone(),
+                bad_cfg(&|c| c.vlan_proto = Some("802.1x".into())),
+            ),
+            7,
+            "vlanProto",
+        ),
+        (
+            add_req(
+                "c",
+                &ns,
+                &n.vfs[0].clone(),
+                bad_cfg(&|c| c.link_state = Some("up".into())),
+            ),
+            7,
+            "link_state",
+        ),
+        (
+            add_req("c", &ns, "not-a-pci", v1::VfConfig::default()),
+            7,
+            "deviceID",
+        ),
+        (
+            add_req("c", &ns, "0000:99:00.1", v1::VfConfig::default()),
+            104,
+            "no VF",
+        ),
+        (
+            add_req("", &ns, &n.vfs[0].clone(), v1::VfConfig::default()),
+            4,
+            "CNI_CONTAINERID",
+        ),
+        (
+            add_req(
+                "c",
+                Path::new(""),
+                &n.vfs[0].clone(),
+                v1::VfConfig::default(),
+            ),
+            4,
+            "CNI_NETNS",
+        ),
+        (add_req("c", &ns, "", v1::VfConfig::default()), 7, "pool"),
+    ];
+    let log_before = n.pf.log().len();
+    for (req, code, needle) in cases {
+        let (got, msg) = n.add(req.clone()).await.unwrap_err();
+        assert_eq!(got, code, "{req:?}: {msg}");
+        assert!(msg.contains(needle), "{msg} should name {needle}");
+    }
+    assert_eq!(
+        n.pf.log().len(),
+        log_before,
+        "no PF write for a bad request"
+    );
+    let list = n
+        .client
+        .list(v1::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.vfs.iter().all(|v| v.state == "free"), "{list:?}");
+    assert!(n.net.link(None, "ens1f0v0").unwrap().is_some());
+}
