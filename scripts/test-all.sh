@@ -16,7 +16,8 @@ if [ "$(id -u)" = 0 ]; then
     echo "== setup: Debian packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends iproute2 cpio bc ca-certificates >/dev/null
+    apt-get install -y -q --no-install-recommends iproute2 cpio bc ca-certificates \
+        containernetworking-plugins >/dev/null
 else
     echo "== setup: not root, skipping apt-get (packages assumed present)"
 fi
