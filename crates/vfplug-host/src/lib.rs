@@ -17,6 +17,14 @@
 //! - [`watch`] — [`watch::spawn_watcher`] turns kernel uevents, rtnetlink link messages, PF
 //!   carrier polling, a sysfs fingerprint poll and a periodic resync tick into a stream of
 //!   [`watch::HostEvent`]s that tell the daemon when to rescan or that a PF's link changed.
+//! - [`net`] — the netlink side of a VF: [`net::VfNetlink`] (its settings through the PF) and
+//!   [`net::NetdevOps`] (its netdev moved into a pod's netns and back). [`vfset`] is the
+//!   apply/check/restore policy on top of `VfNetlink`; [`sim`] an in-memory PF.
+//! - [`rtnl::RtVfNetlink`] — `VfNetlink` for real (`RTM_GETLINK` with the VF list,
+//!   `RTM_SETLINK` one knob at a time, EBUSY retried, errnos classified).
+//! - [`netdev::RtNetdevOps`] — `NetdevOps` for real: a socket per netns made by a short-lived
+//!   thread (`setns`), no thread ever left in a pod's netns; altnames removed on the way in and
+//!   restored on the way back; a failed placement is undone.
 //! - `fixture` (cargo feature `fixture`) — `SysfsBuilder` lays out fake sysfs trees the way
 //!   the kernel does (real files, relative symlinks) and mutates them like the kernel would
 //!   (`set_num_vfs`, `rebind`, `move_vf_netdev_away`, `set_carrier`); `FixtureKernel` plays
@@ -30,6 +38,8 @@ pub mod error;
 #[cfg(any(test, feature = "fixture"))]
 pub mod fixture;
 pub mod net;
+pub mod netdev;
+pub mod rtnl;
 pub mod sim;
 pub mod sysfs;
 pub mod vfset;
