@@ -1,0 +1,196 @@
+//! The commands (I/O): IPAM delegation and node API calls in the order the CNI spec and
+//! vfplugd need them. [`run`] returns what goes on stdout; the binary prints it.
+//!
+//! - ADD: dial vfplugd (unreachable: 11, before anything is allocated), IPAM ADD, `Node.Add`
+//!   with the addresses; if `Node.Add` fails, IPAM DEL (rollback) and vfplugd's error.
+//! - DEL: `Node.Del` (unreachable: 11; the runtime retries DEL), then IPAM DEL. IPAM DEL is
+//!   skipped when `Node.Del` failed, so the retried DEL does both and no address is reused
+//!   while the VF may still carry it.
+//! - CHECK: `Node.Check`, then IPAM CHECK.
+//! - STATUS: `Node.Status` (unreachable or not ready: 50), then IPAM STATUS.
+//! - GC: `Node.Gc`, then IPAM GC even if `Node.Gc` failed (GC continues on error); the first
+//!   error is returned.
+
+use tracing::{debug, info, warn};
+use vfplug_api::CniCode;
+
+use crate::devinfo::DeviceInfo;
+use crate::env::Command;
+use crate::error::CniError;
+use crate::invocation::Invocation;
+use crate::ipam::{self, Delegate};
+use crate::mapping;
+use crate::node::NodeApi;
+use crate::version::VersionInfo;
+
+/// VERSION's output. Needs no config, no runtime and no socket.
+pub fn version_output() -> String {
+    serde_json::to_string(&VersionInfo::current()).unwrap_or_default()
+}
+
+/// Runs `inv` on a current-thread runtime made for this call (VERSION never gets here).
+pub fn run_blocking(inv: &Invocation) -> Result<Option<String>, CniError> {
+    if inv.env.command == Command::Version {
+        return Ok(Some(version_output()));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CniError::new(CniCode::Io, format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(run(inv))
+}
+
+/// Runs the command; `Some(json)` is the result to print (ADD and VERSION only).
+pub async fn run(inv: &Invocation) -> Result<Option<String>, CniError> {
+    if inv.env.command == Command::Version {
+        return Ok(Some(version_output()));
+    }
+    let conf = inv.conf()?;
+    let delegate = ipam::delegate(conf.ipam.as_ref(), &inv.env, &inv.stdin, conf.timeout)?;
+    match inv.env.command {
+        Command::Add => add(inv, delegate.as_ref()).await.map(Some),
+        Command::Del => del(inv, delegate.as_ref()).await.map(|()| None),
+        Command::Check => check(inv, delegate.as_ref()).await.map(|()| None),
+        Command::Status => status(inv, delegate.as_ref()).await.map(|()| None),
+        Command::Gc => gc(inv, delegate.as_ref()).await.map(|()| None),
+        Command::Version => Ok(Some(version_output())),
+    }
+}
+
+async fn connect(inv: &Invocation, unreachable: CniCode) -> Result<NodeApi, CniError> {
+    let conf = inv.conf()?;
+    NodeApi::connect(&conf.socket, conf.timeout)
+        .await
+        .map_err(|u| u.into_error(unreachable))
+}
+
+async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String, CniError> {
+    let conf = inv.conf()?;
+    let mut node = connect(inv, CniCode::TryAgainLater).await?;
+    let ipam_result = match delegate {
+        Some(d) => Some(d.add().await?),
+        None => None,
+    };
+    let req = mapping::add_request(inv, ipam_result.as_ref())?;
+    debug!(?req, "Node.Add");
+    let resp = match node.add(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(d) = delegate
+                && let Err(rb) = d.run(Command::Del).await
+            {
+                warn!(error = %rb.msg, "rollback: IPAM DEL after a failed Node.Add failed too");
+            }
+            return Err(e);
+        }
+    };
+    for w in &resp.warnings {
+        warn!(pci = %resp.pci_address, "vfplugd: {w}");
+    }
+    info!(
+        pci = %resp.pci_address, mode = %resp.mode, existing = resp.existing, token = resp.token,
+        "attached {} ({}) to {}", inv.env.ifname, inv.env.container_id, conf.name
+    );
+    if let Some(path) = &conf.runtime_config.device_info_file
+        && !resp.pci_address.is_empty()
+    {
+        // Multus reads it after the chain; without it only network-status lacks the device,
+        // the attachment itself is fine, so this does not fail the ADD.
+        if let Err(e) = DeviceInfo::pci(&resp.pci_address, &resp.pf_pci_address).write(path) {
+            warn!(path = %path.display(), "cannot write the device-info file: {e}");
+        }
+    }
+    let result = mapping::add_result(inv, &resp, ipam_result.as_ref());
+    serde_json::to_string(&result)
+        .map_err(|e| CniError::new(CniCode::Internal, format!("cannot encode the result: {e}")))
+}
+
+async fn del(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<(), CniError> {
+    let conf = inv.conf()?;
+    for note in &conf.ignored {
+        debug!("DEL ignores a config error it does not need to care about: {note}");
+    }
+    let mut node = connect(inv, CniCode::TryAgainLater).await?;
+    let req = mapping::del_request(inv)?;
+    debug!(?req, "Node.Del");
+    let resp = node.del(req).await?;
+    for w in &resp.warnings {
+        warn!(pci = %resp.pci_address, "vfplugd: {w}");
+    }
+    info!(
+        released = resp.released, pci = %resp.pci_address, note = %resp.note,
+        "detached {} ({}) from {}", inv.env.ifname, inv.env.container_id, conf.name
+    );
+    if let Some(d) = delegate {
+        d.run(Command::Del).await?;
+    }
+    Ok(())
+}
+
+async fn check(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<(), CniError> {
+    let req = mapping::check_request(inv)?;
+    let mut node = connect(inv, CniCode::TryAgainLater).await?;
+    debug!(?req, "Node.Check");
+    node.check(req).await?;
+    if let Some(d) = delegate {
+        d.run(Command::Check).await?;
+    }
+    Ok(())
+}
+
+async fn status(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<(), CniError> {
+    let mut node = connect(inv, CniCode::NotAvailable).await?;
+    let resp = node
+        .status(mapping::status_request(inv))
+        .await
+        .map_err(|e| {
+            // STATUS speaks only "available or not": a transient failure means "not now".
+            if e.code == CniCode::TryAgainLater.code() {
+                CniError::raw(CniCode::NotAvailable.code(), e.msg, e.details)
+            } else {
+                e
+            }
+        })?;
+    if !resp.ready {
+        let reason = if resp.reason.is_empty() {
+            "no reason given".to_owned()
+        } else {
+            resp.reason
+        };
+        return Err(CniError::new(
+            CniCode::NotAvailable,
+            format!("vfplugd is not ready: {reason}"),
+        ));
+    }
+    debug!(free = resp.free, "vfplugd is ready");
+    if let Some(d) = delegate {
+        d.run(Command::Status).await?;
+    }
+    Ok(())
+}
+
+async fn gc(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<(), CniError> {
+    let node_result = async {
+        let mut node = connect(inv, CniCode::TryAgainLater).await?;
+        let req = mapping::gc_request(inv)?;
+        debug!(valid = req.valid.len(), network = %req.network, "Node.Gc");
+        node.gc(req).await
+    }
+    .await;
+    match &node_result {
+        Ok(r) => {
+            for pci in &r.released {
+                info!(%pci, "GC released");
+            }
+            for e in &r.errors {
+                warn!("GC could not release: {e}");
+            }
+        }
+        Err(e) => warn!(code = e.code, "Node.Gc failed: {}", e.msg),
+    }
+    let ipam_result = match delegate {
+        Some(d) => d.run(Command::Gc).await,
+        None => Ok(()),
+    };
+    node_result.map(|_| ()).and(ipam_result)
+}

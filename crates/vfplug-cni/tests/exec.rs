@@ -1,0 +1,669 @@
+//! The real `vfplug` binary, exec'd as a runtime would: exact `CNI_*` environment, config on
+//! stdin, the protocol JSON (and nothing else) on stdout. Against a fake node API server on a
+//! unix socket (which records the requests) and fake IPAM plugins (shell scripts in a CNI_PATH
+//! directory that record their calls).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vfplug_api::{CniCode, v1};
+use vfplug_cni::devinfo::DeviceInfo;
+use vfplug_cni::testing::{Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, tempdir};
+
+const NETNS: &str = "/var/run/netns/pod-x";
+
+fn plugin() -> Plugin {
+    Plugin::new(env!("CARGO_BIN_EXE_vfplug"))
+}
+
+fn conf(socket: &std::path::Path) -> Value {
+    json!({
+        "cniVersion": "1.1.0",
+        "name": "sriov-net",
+        "type": "vfplug",
+        "deviceID": "0000:3b:02.1",
+        "vlan": 100,
+        "spoofchk": "on",
+        "socket": socket.to_str().unwrap(),
+        "timeoutSeconds": 5,
+    })
+}
+
+struct Env {
+    vars: Vec<(String, String)>,
+}
+
+impl Env {
+    fn new(cmd: &str, cni_path: &std::path::Path) -> Self {
+        Self {
+            vars: vec![
+                ("CNI_COMMAND".into(), cmd.into()),
+                ("CNI_CONTAINERID".into(), "c0ffee".into()),
+                ("CNI_NETNS".into(), NETNS.into()),
+                ("CNI_IFNAME".into(), "net1".into()),
+                (
+                    "CNI_ARGS".into(),
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod-a;K8S_POD_UID=uid-a"
+                        .into(),
+                ),
+                ("CNI_PATH".into(), cni_path.to_str().unwrap().into()),
+            ],
+        }
+    }
+
+    fn without(mut self, k: &str) -> Self {
+        self.vars.retain(|(n, _)| n != k);
+        self
+    }
+
+    fn set(mut self, k: &str, v: &str) -> Self {
+        self = self.without(k);
+        self.vars.push((k.into(), v.into()));
+        self
+    }
+
+    fn run(&self, stdin: &Value) -> PluginRun {
+        let pairs: Vec<(&str, &str)> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        plugin().run(&pairs, stdin.to_string().as_bytes()).unwrap()
+    }
+}
+
+fn ipam_add_result() -> String {
+    json!({
+        "cniVersion": "1.1.0",
+        "ips": [{"address": "192.168.10.7/24", "gateway": "192.168.10.1"}],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dns": {"nameservers": ["192.168.10.53"]}
+    })
+    .to_string()
+}
+
+#[test]
+fn version_prints_only_the_version_json() {
+    let out = plugin()
+        .run(&[("CNI_COMMAND", "VERSION")], b"not json at all")
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "{\"cniVersion\":\"1.1.0\",\"supportedVersions\":[\"0.4.0\",\"1.0.0\",\"1.1.0\"]}\n"
+    );
+    // No runtime, no socket, no logging set up: nothing on stderr either.
+    assert_eq!(out.stderr, "");
+}
+
+#[test]
+fn bad_inputs_print_one_error_object_and_exit_non_zero() {
+    let dir = tempdir().unwrap();
+    let sock = dir.path().join("nobody.sock");
+    let good = conf(&sock);
+    let cases: Vec<(Env, Value, u64, &str)> = vec![
+        (
+            Env::new("ADD", dir.path()).without("CNI_COMMAND"),
+            good.clone(),
+            4,
+            "CNI_COMMAND",
+        ),
+        (
+            Env::new("ADD", dir.path()).without("CNI_NETNS"),
+            good.clone(),
+            4,
+            "CNI_NETNS",
+        ),
+        (
+            Env::new("ADD", dir.path()).set("CNI_IFNAME", "a/b"),
+            good.clone(),
+            4,
+            "CNI_IFNAME",
+        ),
+        (
+            Env::new("ADD", dir.path()).set("CNI_ARGS", "X=1"),
+            good.clone(),
+            4,
+            "CNI_ARGS",
+        ),
+        (
+            Env::new("ADD", dir.path()),
+            json!("just a string"),
+            6,
+            "JSON object",
+        ),
+        (
+            Env::new("ADD", dir.path()),
+            json!({"cniVersion": "0.3.1", "name": "n", "type": "t"}),
+            1,
+            "0.3.1",
+        ),
+        (
+            Env::new("ADD", dir.path()),
+            {
+                let mut c = good.clone();
+                c["vlan"] = json!("ten");
+                c
+            },
+            7,
+            "vlan: expected integer 0..=4094, got \"ten\"",
+        ),
+        (
+            Env::new("DEL", dir.path()),
+            {
+                let mut c = good.clone();
+                c["ipam"] = json!({"type": "no-such-ipam"});
+                c
+            },
+            7,
+            "ipam plugin \"no-such-ipam\" not found in CNI_PATH",
+        ),
+    ];
+    for (env, stdin, code, needle) in cases {
+        let out = env.run(&stdin);
+        assert_eq!(out.code, Some(1), "{needle}: {}", out.stderr);
+        assert_eq!(out.error_code(), code, "{needle}: {}", out.stdout);
+        assert!(out.error_msg().contains(needle), "{needle}: {}", out.stdout);
+        // Exactly one line: the object.
+        assert_eq!(out.stdout.lines().count(), 1, "{}", out.stdout);
+    }
+    // The error is written in the config's version when it can be read.
+    let mut c = good.clone();
+    c["cniVersion"] = json!("0.4.0");
+    c["mac"] = json!("bad");
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.json()["cniVersion"], "0.4.0");
+    // Over the size limit.
+    let big = vec![b' '; vfplug_cni::config::MAX_CONFIG_BYTES + 10];
+    let out = plugin().run(&[("CNI_COMMAND", "STATUS")], &big).unwrap();
+    assert_eq!(out.error_code(), 6);
+    assert!(out.error_msg().contains("limit"), "{}", out.stdout);
+}
+
+#[test]
+fn vfplugd_unreachable_is_11_for_add_del_gc_and_50_for_status() {
+    let dir = tempdir().unwrap();
+    let sock = dir.path().join("absent.sock");
+    let mut c = conf(&sock);
+    c["cni.dev/valid-attachments"] = json!([]);
+    for (cmd, code) in [("ADD", 11), ("DEL", 11), ("GC", 11), ("STATUS", 50)] {
+        let out = Env::new(cmd, dir.path()).run(&c);
+        assert_eq!(out.error_code(), code, "{cmd}: {}", out.stdout);
+        assert!(
+            out.error_msg().contains(sock.to_str().unwrap()),
+            "{cmd}: {}",
+            out.stdout
+        );
+    }
+    // A socket file nobody listens on (vfplugd died): the same.
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    drop(_l);
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 11, "{}", out.stdout);
+}
+
+#[test]
+fn add_maps_env_and_config_to_the_request_and_prints_the_result() {
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["runtimeConfig"] = json!({"mac": "02:00:00:00:00:aa",
+        "CNIDeviceInfoFile": dir.path().join("devinfo.json").to_str().unwrap()});
+    c["logFile"] = json!(dir.path().join("vfplug.log").to_str().unwrap());
+    c["logLevel"] = json!("debug");
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+
+    let calls = node.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let Call::Add(req) = &calls[0] else {
+        panic!("{calls:?}")
+    };
+    assert_eq!(
+        req.attachment,
+        Some(v1::Attachment {
+            container_id: "c0ffee".into(),
+            ifname: "net1".into(),
+            pod_uid: "uid-a".into(),
+            pod_namespace: "ns1".into(),
+            pod_name: "pod-a".into(),
+        })
+    );
+    assert_eq!(req.netns, NETNS);
+    assert_eq!(req.network, "sriov-net");
+    assert_eq!(req.device_id, "0000:3b:02.1");
+    assert_eq!(req.pool, "");
+    assert_eq!(
+        req.config,
+        Some(v1::VfConfig {
+            mac: Some("02:00:00:00:00:aa".into()),
+            vlan: Some(100),
+            spoofchk: Some(true),
+            ..Default::default()
+        })
+    );
+    assert!(req.ips.is_empty() && req.routes.is_empty());
+
+    assert_eq!(
+        out.json(),
+        json!({"cniVersion": "1.1.0", "interfaces": [{
+            "name": "net1", "mac": "02:00:00:00:00:aa", "mtu": 1500, "sandbox": NETNS,
+            "pciID": "0000:3b:02.1"}]})
+    );
+    // Device info for Multus.
+    let di: DeviceInfo =
+        serde_json::from_slice(&std::fs::read(dir.path().join("devinfo.json")).unwrap()).unwrap();
+    assert_eq!(di, DeviceInfo::pci("0000:3b:02.1", "0000:3b:00.0"));
+    // Logs went to the file, not stderr; stdout had only the result.
+    let log = std::fs::read_to_string(dir.path().join("vfplug.log")).unwrap();
+    assert!(log.contains("attached net1"), "{log}");
+    assert_eq!(out.stderr, "");
+
+    // 1.0.0: no pciID, no mtu.
+    c["cniVersion"] = json!("1.0.0");
+    let out = Env::new("ADD", dir.path()).run(&c);
+    let iface = &out.json()["interfaces"][0];
+    assert!(
+        iface.get("pciID").is_none() && iface.get("mtu").is_none(),
+        "{iface}"
+    );
+}
+
+#[test]
+fn add_without_device_id_asks_for_the_pool() {
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c.as_object_mut().unwrap().remove("deviceID");
+    c["pool"] = json!("intel.com/sriov_vm");
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    let Call::Add(req) = &node.calls()[0] else {
+        panic!()
+    };
+    assert_eq!(
+        (req.device_id.as_str(), req.pool.as_str()),
+        ("", "intel.com/sriov_vm")
+    );
+    assert_eq!(out.json()["interfaces"][0]["pciID"], "0000:3b:02.1");
+}
+
+#[test]
+fn add_with_delegated_ipam() {
+    let dir = tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let ipam = FakeIpam::create(&bin, "fake-ipam", &ipam_add_result(), &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "fake-ipam", "subnet": "192.168.10.0/24"});
+    // A CNI_PATH with a missing directory first: the search goes on.
+    let path = format!("{}:{}", dir.path().join("nope").display(), bin.display());
+    let out = Env::new("ADD", dir.path()).set("CNI_PATH", &path).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+
+    // The IPAM plugin got our env and exactly our stdin.
+    let calls = ipam.calls().unwrap();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    for (k, v) in [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c0ffee"),
+        ("CNI_NETNS", NETNS),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", path.as_str()),
+    ] {
+        assert_eq!(call.env.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    assert!(call.env["CNI_ARGS"].contains("K8S_POD_UID=uid-a"));
+    assert_eq!(call.stdin, c.to_string());
+
+    // vfplugd got the addresses.
+    let Call::Add(req) = &node.calls()[0] else {
+        panic!()
+    };
+    assert_eq!(
+        req.ips,
+        vec![v1::IpConfig {
+            address: "192.168.10.7/24".into(),
+            gateway: "192.168.10.1".into()
+        }]
+    );
+    assert_eq!(
+        req.routes,
+        vec![v1::RouteConfig {
+            dst: "0.0.0.0/0".into(),
+            gw: String::new()
+        }]
+    );
+    // The result has them, pointing at our interface.
+    let r = out.json();
+    assert_eq!(
+        r["ips"],
+        json!([{"address": "192.168.10.7/24", "gateway": "192.168.10.1", "interface": 0}])
+    );
+    assert_eq!(r["routes"], json!([{"dst": "0.0.0.0/0"}]));
+    assert_eq!(r["dns"], json!({"nameservers": ["192.168.10.53"]}));
+}
+
+#[test]
+fn add_chains_after_prev_result() {
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["prevResult"] = json!({"cniVersion": "1.1.0",
+        "interfaces": [{"name": "eth0", "sandbox": NETNS}],
+        "ips": [{"address": "10.0.0.5/24", "interface": 0}]});
+    let out = Env::new("ADD", dir.path()).run(&c);
+    let r = out.json();
+    assert_eq!(r["interfaces"][0]["name"], "eth0");
+    assert_eq!(r["interfaces"][1]["name"], "net1");
+    assert_eq!(r["ips"][0]["address"], "10.0.0.5/24");
+}
+
+#[test]
+fn failed_node_add_prints_vfplugds_code_and_rolls_back_ipam() {
+    let dir = tempdir().unwrap();
+    let ipam = FakeIpam::create(dir.path(), "fake-ipam", &ipam_add_result(), &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    node.set_script(Script {
+        add: Some(Err(Failure::new(
+            CniCode::VfBusy,
+            "VF 0000:3b:02.1 is held by pod ns/other",
+        ))),
+        ..Default::default()
+    });
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "fake-ipam"});
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 102);
+    let j = out.json();
+    assert_eq!(j["msg"], "VF 0000:3b:02.1 is held by pod ns/other");
+    assert_eq!(
+        j["details"],
+        "details of VF 0000:3b:02.1 is held by pod ns/other"
+    );
+    assert_eq!(ipam.commands().unwrap(), vec!["ADD", "DEL"]);
+}
+
+#[test]
+fn ipam_errors_pass_through_or_become_105() {
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let cni_err = r#"{"cniVersion":"1.1.0","code":11,"msg":"no free addresses","details":"pool 10.0.0.0/30"}"#;
+    FakeIpam::create(dir.path(), "says-11", "", &[("ADD", cni_err, 1)]).unwrap();
+    FakeIpam::create(dir.path(), "crashes", "", &[("ADD", "segfault or so", 139)]).unwrap();
+    FakeIpam::create(dir.path(), "prints-junk", "{\"ips\": 5}", &[]).unwrap();
+    for (name, code, needle) in [
+        ("says-11", 11, "no free addresses"),
+        ("crashes", 105, "failed ADD"),
+        ("prints-junk", 105, "ips"),
+    ] {
+        let mut c = conf(&node.socket);
+        c["ipam"] = json!({"type": name});
+        let out = Env::new("ADD", dir.path()).run(&c);
+        assert_eq!(out.error_code(), code, "{name}: {}", out.stdout);
+        assert!(out.error_msg().contains(needle), "{name}: {}", out.stdout);
+        assert!(out.error_msg().contains(name), "{name}: {}", out.stdout);
+    }
+    // The passed-through error keeps its details.
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "says-11"});
+    assert_eq!(
+        Env::new("ADD", dir.path()).run(&c).json()["details"],
+        "pool 10.0.0.0/30"
+    );
+    // vfplugd was never asked for a VF.
+    assert!(node.calls().is_empty(), "{:?}", node.calls());
+}
+
+#[test]
+fn del_uses_the_pci_hint_then_ipam_and_tolerates_a_missing_netns() {
+    let dir = tempdir().unwrap();
+    let ipam = FakeIpam::create(dir.path(), "fake-ipam", &ipam_add_result(), &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "fake-ipam"});
+    c["prevResult"] = json!({"cniVersion": "1.1.0",
+        "interfaces": [{"name": "net1", "sandbox": NETNS, "pciID": "0000:3b:02.6"}]});
+    let out = Env::new("DEL", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, "");
+    let Call::Del(req) = &node.calls()[0] else {
+        panic!()
+    };
+    assert_eq!(req.device_id, "0000:3b:02.6");
+    assert_eq!(req.netns, NETNS);
+    assert_eq!(req.network, "sriov-net");
+    assert_eq!(req.attachment.as_ref().unwrap().pod_uid, "uid-a");
+    assert_eq!(ipam.commands().unwrap(), vec!["DEL"]);
+
+    // No netns (gone), no prevResult: still a Del with the config's deviceID.
+    c.as_object_mut().unwrap().remove("prevResult");
+    let out = Env::new("DEL", dir.path()).without("CNI_NETNS").run(&c);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    let Call::Del(req) = &node.calls()[1] else {
+        panic!()
+    };
+    assert_eq!(
+        (req.netns.as_str(), req.device_id.as_str()),
+        ("", "0000:3b:02.1")
+    );
+
+    // A config ADD would refuse does not stop DEL.
+    c["vlan"] = json!("ten");
+    let out = Env::new("DEL", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+
+    // vfplugd fails: its code, and IPAM is left for the retried DEL.
+    node.set_script(Script {
+        del: Some(Err(Failure::new(CniCode::Internal, "ledger write failed"))),
+        ..Default::default()
+    });
+    let before = ipam.commands().unwrap().len();
+    let out = Env::new("DEL", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 106);
+    assert_eq!(ipam.commands().unwrap().len(), before);
+}
+
+#[test]
+fn check_asks_vfplugd_then_ipam() {
+    let dir = tempdir().unwrap();
+    let ipam = FakeIpam::create(dir.path(), "fake-ipam", &ipam_add_result(), &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "fake-ipam"});
+    c["prevResult"] = json!({"cniVersion": "1.1.0",
+        "interfaces": [{"name": "net1", "sandbox": NETNS, "pciID": "0000:3b:02.1"}],
+        "ips": [{"address": "192.168.10.7/24", "interface": 0}]});
+    let out = Env::new("CHECK", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, "");
+    let Call::Check(req) = &node.calls()[0] else {
+        panic!()
+    };
+    assert_eq!(req.ips[0].address, "192.168.10.7/24");
+    assert_eq!(req.config.as_ref().unwrap().vlan, Some(100));
+    assert_eq!(ipam.commands().unwrap(), vec!["CHECK"]);
+
+    node.set_script(Script {
+        check: Some(Failure::new(
+            CniCode::CheckFailed,
+            "VF vlan is 0, expected 100",
+        )),
+        ..Default::default()
+    });
+    let out = Env::new("CHECK", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 103);
+    assert_eq!(ipam.commands().unwrap(), vec!["CHECK"]);
+}
+
+#[test]
+fn status_reports_readiness() {
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["pool"] = json!("sriov_a");
+    let env = Env::new("STATUS", dir.path());
+    let out = env.run(&c);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), ""),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        node.calls(),
+        vec![Call::Status(v1::StatusRequest {
+            pool: "sriov_a".into()
+        })]
+    );
+
+    node.set_script(Script {
+        status: Some(Ok(v1::StatusResponse {
+            ready: false,
+            reason: "ledger replay in progress".into(),
+            free: 0,
+        })),
+        ..Default::default()
+    });
+    let out = env.run(&c);
+    assert_eq!(out.error_code(), 50);
+    assert!(
+        out.error_msg().contains("ledger replay in progress"),
+        "{}",
+        out.stdout
+    );
+
+    // A transient failure of the call is "not available" too.
+    node.set_script(Script {
+        status: Some(Err(Failure::new(CniCode::TryAgainLater, "busy"))),
+        ..Default::default()
+    });
+    assert_eq!(env.run(&c).error_code(), 50);
+}
+
+#[test]
+fn gc_sends_the_valid_list_then_runs_ipam_gc_even_after_a_failure() {
+    let dir = tempdir().unwrap();
+    let ipam = FakeIpam::create(dir.path(), "fake-ipam", &ipam_add_result(), &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "fake-ipam"});
+    c["cni.dev/valid-attachments"] = json!([{"containerID": "c1", "ifname": "net1"}]);
+    let env = Env::new("GC", dir.path())
+        .without("CNI_CONTAINERID")
+        .without("CNI_IFNAME")
+        .without("CNI_NETNS");
+    let out = env.run(&c);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), ""),
+        "{}",
+        out.stderr
+    );
+    let Call::Gc(req) = &node.calls()[0] else {
+        panic!()
+    };
+    assert_eq!(req.network, "sriov-net");
+    assert_eq!(req.valid.len(), 1);
+    assert_eq!(
+        (
+            req.valid[0].container_id.as_str(),
+            req.valid[0].ifname.as_str()
+        ),
+        ("c1", "net1")
+    );
+    assert_eq!(ipam.commands().unwrap(), vec!["GC"]);
+
+    node.set_script(Script {
+        gc: Some(Err(Failure::new(CniCode::Internal, "ledger"))),
+        ..Default::default()
+    });
+    let out = env.run(&c);
+    assert_eq!(out.error_code(), 106);
+    assert_eq!(ipam.commands().unwrap(), vec!["GC", "GC"]);
+}
+
+#[test]
+fn a_slow_vfplugd_is_try_again_later_within_the_timeout() {
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    node.set_script(Script {
+        delay: Some(Duration::from_secs(5)),
+        ..Default::default()
+    });
+    let mut c = conf(&node.socket);
+    c["timeoutSeconds"] = json!(1);
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 11, "{}", out.stdout);
+    assert!(
+        out.error_msg().contains("did not answer Add"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.elapsed < Duration::from_secs(4), "{:?}", out.elapsed);
+}
+
+#[test]
+fn a_hanging_ipam_plugin_is_killed_at_the_timeout() {
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let script = dir.path().join("hangs");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "hangs"});
+    c["timeoutSeconds"] = json!(1);
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 105, "{}", out.stdout);
+    assert!(
+        out.error_msg().contains("did not finish ADD"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.elapsed < Duration::from_secs(5), "{:?}", out.elapsed);
+    assert!(node.calls().is_empty());
+}
+
+/// Debian's real host-local (containernetworking-plugins) as the delegated IPAM: the exec
+/// convention holds with a real plugin, and DEL releases what ADD allocated.
+#[test]
+fn real_host_local_ipam() {
+    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
+    if !host_local.exists() {
+        eprintln!(
+            "SKIP real_host_local_ipam because {} is missing (apt-get install containernetworking-plugins)",
+            host_local.display()
+        );
+        return;
+    }
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let data = dir.path().join("ipam-data");
+    let mut c = conf(&node.socket);
+    // Debian bookworm's plugins (1.1.x) speak up to 1.0.0.
+    c["cniVersion"] = json!("1.0.0");
+    c["ipam"] = json!({"type": "host-local", "dataDir": data.to_str().unwrap(),
+        "ranges": [[{"subnet": "10.77.0.0/24", "rangeStart": "10.77.0.10", "gateway": "10.77.0.1"}]],
+        "routes": [{"dst": "0.0.0.0/0"}]});
+    let out = Env::new("ADD", std::path::Path::new("/usr/lib/cni")).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let r = out.json();
+    assert_eq!(r["ips"][0]["address"], "10.77.0.10/24", "{r}");
+    assert_eq!(r["ips"][0]["interface"], 0);
+    let Call::Add(req) = &node.calls()[0] else {
+        panic!()
+    };
+    assert_eq!(req.ips[0].address, "10.77.0.10/24");
+    assert_eq!(req.ips[0].gateway, "10.77.0.1");
+    // host-local records the lease as a file named by the address.
+    let lease = data.join("sriov-net").join("10.77.0.10");
+    assert!(lease.exists(), "{}", lease.display());
+
+    let out = Env::new("DEL", std::path::Path::new("/usr/lib/cni")).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(!lease.exists(), "DEL must release the address");
+}
