@@ -6,14 +6,23 @@
 //! * `VMLAB-AGENT FIGURE <name> <ms>` (also printed as `VMLAB FIGURE` by the host test)
 //! * `VMLAB-AGENT DONE ok=<true|false>` last.
 //!
-//! The host test ([`tests/sriov_tier.rs`]) checks those lines; the agent itself never decides
-//! whether the test passed beyond reporting each step.
+//! The host tests (`tests/sriov_tier.rs`, `tests/vfconfig_tier.rs`) check those lines; the agent
+//! itself never decides whether the test passed beyond reporting each step.
+//!
+//! The `vfconfig` phase drives vfplug-host's real rtnetlink ([`RtVfNetlink`]) and its VF policy
+//! ([`vfset`]) against igb's PF: apply every sriov-cni knob, read back, compare with what
+//! iproute2 prints, check igb's refusals, restore, read back equal to the saved state.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vfplug_core::pci::PciAddress;
 use vfplug_qmp::{DelOutcome, Qmp, QmpError, UnplugOutcome};
+
+use vfplug_core::{MacAddr, VfConfig, VfLinkState, VlanProto};
+use vfplug_host::net::{NetError, VfChange, VfNetlink, VfSettings};
+use vfplug_host::rtnl::RtVfNetlink;
+use vfplug_host::vfset;
 
 use crate::guest::GUEST_PREFIX;
 use crate::lab::Lab;
@@ -30,13 +39,15 @@ pub const IGB_PF_DEVICE: &str = "0x10c9";
 /// igb VF device ID (what L2 must see).
 pub const IGB_VF_DEVICE: &str = "0x10ca";
 
-/// Which L2 phases to run.
+/// Which phases run once the VFs exist and VF0 is bound to vfio-pci.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// L2 in prelaunch (`-S`): hotplug, pending unplug, `system_reset` completes it.
     Prelaunch,
     /// L2 boots Linux, which acknowledges the unplug.
     Linux,
+    /// VF settings through the PF with vfplug-host's rtnetlink, on the last VF (no L2).
+    VfConfig,
 }
 
 /// The agent's command line: `--key value` pairs.
@@ -60,7 +71,7 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     /// Parses `--sysfs P --numvfs N --qemu P --workdir P --l2-kernel P --l2-initrd P
-    /// --phases prelaunch,linux` (all optional; defaults suit the L1 guest).
+    /// --phases prelaunch,linux,vfconfig` (all optional; defaults suit the L1 guest).
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentArgs, String> {
         let mut a = AgentArgs {
             sysfs: "/sys".into(),
@@ -87,6 +98,7 @@ impl AgentArgs {
                         .map(|p| match p {
                             "prelaunch" => Ok(Phase::Prelaunch),
                             "linux" => Ok(Phase::Linux),
+                            "vfconfig" => Ok(Phase::VfConfig),
                             other => Err(format!("unknown phase {other:?}")),
                         })
                         .collect::<Result<_, _>>()?
@@ -177,6 +189,7 @@ async fn run_steps(args: &AgentArgs) -> Step<()> {
         match phase {
             Phase::Prelaunch => prelaunch(args, &vf, vfs.get(1)).await?,
             Phase::Linux => linux(args, &vf).await?,
+            Phase::VfConfig => vf_config(&sys, &pf, args.numvfs - 1)?,
         }
     }
     // The VF stays with vfio-pci after the unplug: returning it to the pool is the executor's job.
@@ -361,6 +374,310 @@ async fn linux(args: &AgentArgs, vf: &PciAddress) -> Step<()> {
     Ok(())
 }
 
+/// The settings the `vfconfig` phase applies: every sriov-cni knob (802.1Q VLAN).
+pub fn vfconfig_request() -> VfConfig {
+    VfConfig {
+        mac: Some(MacAddr([0x02, 0, 0, 0, 0x01, 0x01])),
+        vlan: Some(100),
+        vlan_qos: Some(3),
+        vlan_proto: Some(VlanProto::Dot1Q),
+        spoofchk: Some(false),
+        trust: Some(true),
+        link_state: Some(VfLinkState::Enable),
+        min_tx_rate: None,
+        max_tx_rate: Some(100),
+        mtu: None,
+    }
+}
+
+/// One line for a report: `mac=… vlan=… qos=… proto=… spoofchk=… trust=… link_state=… rate=min/max`.
+pub fn describe(s: &VfSettings) -> String {
+    let b = |v: Option<bool>| v.map_or("unreported".to_owned(), |b| b.to_string());
+    let l = s
+        .link_state
+        .map_or("unreported".to_owned(), |l| l.to_string());
+    format!(
+        "mac={} vlan={} qos={} proto={} spoofchk={} trust={} link_state={l} rate={}/{}",
+        s.mac,
+        s.vlan,
+        s.qos,
+        s.vlan_proto,
+        b(s.spoofchk),
+        b(s.trust),
+        s.min_tx_rate,
+        s.max_tx_rate
+    )
+}
+
+/// The `vf N ...` line of `ip link show <pf>` output, trimmed.
+pub fn iproute2_vf_line(output: &str, vf: u32) -> Option<&str> {
+    let want = format!("vf {vf} ");
+    output.lines().map(str::trim).find(|l| l.starts_with(&want))
+}
+
+/// Where iproute2's VF line disagrees with `s` (empty: it agrees). iproute2 prints the fields
+/// comma-separated and leaves out a zero VLAN/QoS/rate and unreported flags.
+pub fn iproute2_mismatches(line: &str, s: &VfSettings) -> Vec<String> {
+    let fields: Vec<&str> = line.split(", ").map(str::trim).collect();
+    let first = fields.first().copied().unwrap_or_default();
+    let mut out = Vec::new();
+    if !first.contains(&format!("link/ether {}", s.mac)) {
+        out.push(format!("MAC {} not in {first:?}", s.mac));
+    }
+    // A non-zero value must be printed as exactly this field; a zero one not at all.
+    let mut number = |value: u32, prefix: &str, suffix: &str| {
+        let want = format!("{prefix} {value}{suffix}");
+        let found: Vec<&&str> = fields
+            .iter()
+            .filter(|f| {
+                f.strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .collect();
+        let ok = if value == 0 {
+            found.is_empty()
+        } else {
+            found.len() == 1 && **found[0] == want
+        };
+        if !ok {
+            out.push(format!("want {want:?}, iproute2 has {found:?}"));
+        }
+    };
+    number(u32::from(s.vlan), "vlan", "");
+    number(u32::from(s.qos), "qos", "");
+    number(s.max_tx_rate, "max_tx_rate", "Mbps");
+    number(s.min_tx_rate, "min_tx_rate", "Mbps");
+    let mut expect = |present: bool, field: String| {
+        let has = fields.iter().any(|f| *f == field);
+        if present != has {
+            out.push(format!(
+                "{} {field:?}",
+                if present { "missing" } else { "unexpected" }
+            ));
+        }
+    };
+    expect(
+        s.vlan_proto == VlanProto::Dot1Ad,
+        "vlan protocol 802.1ad".to_owned(),
+    );
+    if let Some(b) = s.spoofchk {
+        expect(
+            true,
+            format!("spoof checking {}", if b { "on" } else { "off" }),
+        );
+    }
+    if let Some(b) = s.trust {
+        expect(true, format!("trust {}", if b { "on" } else { "off" }));
+    }
+    if let Some(l) = s.link_state {
+        expect(true, format!("link-state {l}"));
+    }
+    out
+}
+
+/// `ip` from the L1 root (the host's iproute2 over 9p), if there is one.
+fn ip_binary() -> Option<PathBuf> {
+    ["/usr/sbin/ip", "/usr/bin/ip", "/sbin/ip", "/bin/ip"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn run_ip(ip: &std::path::Path, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(ip)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{} {args:?}: {e}", ip.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Compares iproute2's view of VF `vf` with `want`; `Ok(None)` when there is no iproute2.
+fn iproute2_agrees(pf_dev: &str, vf: u32, want: &VfSettings) -> Step<Option<String>> {
+    let Some(ip) = ip_binary() else {
+        return Ok(None);
+    };
+    let out = run_ip(&ip, &["link", "show", "dev", pf_dev])?;
+    let line = iproute2_vf_line(&out, vf)
+        .ok_or_else(|| format!("no `vf {vf}` line in `ip link show {pf_dev}`:\n{out}"))?;
+    let bad = iproute2_mismatches(line, want);
+    if bad.is_empty() {
+        Ok(Some(line.to_owned()))
+    } else {
+        Err(format!("{}; line: {line:?}", bad.join("; ")))
+    }
+}
+
+fn pf_netdev(sys: &Sysfs, pf: &PciAddress) -> Step<String> {
+    let dir = sys.device(pf).join("net");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{}: no netdev", dir.display()))
+}
+
+/// Brings the PF up and waits for carrier: igb takes a VF rate limit only with the link up.
+fn pf_up(sys: &Sysfs, pf: &PciAddress, pf_dev: &str) -> Step<()> {
+    let ip = ip_binary().ok_or("no iproute2 in L1 to bring the PF up")?;
+    run_ip(&ip, &["link", "set", "dev", pf_dev, "up"])?;
+    let carrier = sys.device(pf).join("net").join(pf_dev).join("carrier");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::fs::read_to_string(&carrier).is_ok_and(|c| c.trim() == "1") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{pf_dev}: no carrier after 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vf_config(sys: &Sysfs, pf: &PciAddress, vf: u32) -> Step<()> {
+    let pf_dev = pf_netdev(sys, pf).map_err(|e| format!("vfcfg-pf-up: {e}"))?;
+    let t = Instant::now();
+    pf_up(sys, pf, &pf_dev).map_err(|e| format!("vfcfg-pf-up: {e}"))?;
+    figure("vfcfg.pf_up_to_carrier", t.elapsed());
+    pass("vfcfg-pf-up", &format!("pf={pf} netdev={pf_dev}"));
+
+    let nl = RtVfNetlink::new().map_err(|e| format!("vfcfg-read: {e}"))?;
+    let t = Instant::now();
+    let all = nl
+        .read_all(&pf_dev)
+        .map_err(|e| format!("vfcfg-read: {e}"))?;
+    figure("vfcfg.read_all", t.elapsed());
+    let ids: Vec<u32> = all.iter().map(|(i, _)| *i).collect();
+    if !ids.contains(&vf) {
+        return Err(format!(
+            "vfcfg-read: {pf_dev} reports VFs {ids:?}, not {vf}"
+        ));
+    }
+    let before = nl
+        .read_vf(&pf_dev, vf)
+        .map_err(|e| format!("vfcfg-read: {e}"))?;
+    let saved = vfset::saved_from(&before);
+    pass(
+        "vfcfg-read",
+        &format!("vf={vf} vfs={ids:?} {}", describe(&before)),
+    );
+
+    let cfg = vfconfig_request();
+    let t = Instant::now();
+    let report = vfset::apply_vf_config(&nl, &pf_dev, vf, &cfg, &saved)
+        .map_err(|e| format!("vfcfg-apply: {e}"))?;
+    figure("vfcfg.apply_all_knobs", t.elapsed());
+    // igb has no ndo_set_vf_link_state: the one knob that must be skipped, and only that one.
+    let knobs: Vec<&str> = report
+        .skipped
+        .iter()
+        .filter_map(|s| s.split(':').next())
+        .collect();
+    if knobs != ["link_state"] {
+        return Err(format!(
+            "vfcfg-apply: expected only link_state skipped (EOPNOTSUPP on igb), got {:?}",
+            report.skipped
+        ));
+    }
+    pass(
+        "vfcfg-apply",
+        &format!("skipped={:?}", report.skipped.join("; ")),
+    );
+
+    let now = nl
+        .read_vf(&pf_dev, vf)
+        .map_err(|e| format!("vfcfg-check: {e}"))?;
+    let diff = vfset::check_vf_config(&now, &cfg, &report.skipped);
+    if !diff.is_empty() {
+        return Err(format!("vfcfg-check: {}", diff.join("; ")));
+    }
+    pass("vfcfg-check", &describe(&now));
+    match iproute2_agrees(&pf_dev, vf, &now).map_err(|e| format!("vfcfg-iproute2: {e}"))? {
+        Some(line) => pass("vfcfg-iproute2", &format!("applied line={line:?}")),
+        None => pass("vfcfg-iproute2", "skipped=no-iproute2-in-L1"),
+    }
+
+    // 802.1ad: igb answers EPROTONOSUPPORT; a VLAN is never optional, so the apply fails and
+    // the VF keeps what it had.
+    let ad = VfConfig {
+        vlan: Some(200),
+        vlan_proto: Some(VlanProto::Dot1Ad),
+        ..VfConfig::default()
+    };
+    match vfset::apply_vf_config(&nl, &pf_dev, vf, &ad, &saved) {
+        Err(e) if e.knob == "vlan" && e.error.is_not_supported() && e.rollback.is_empty() => {
+            let after = nl
+                .read_vf(&pf_dev, vf)
+                .map_err(|e| format!("vfcfg-8021ad: {e}"))?;
+            if after != now {
+                return Err(format!(
+                    "vfcfg-8021ad: VF changed by a refused apply: {}",
+                    describe(&after)
+                ));
+            }
+            pass(
+                "vfcfg-8021ad",
+                &format!("refused={:?}", e.error.to_string()),
+            );
+        }
+        other => {
+            return Err(format!(
+                "vfcfg-8021ad: expected the vlan knob NotSupported, got {other:?}"
+            ));
+        }
+    }
+
+    // A VF index the PF does not have: igb says EINVAL, which RtVfNetlink must tell apart.
+    let missing = vf + 8;
+    let read = nl.read_vf(&pf_dev, missing);
+    let set = nl.set_vf(&pf_dev, missing, VfChange::Trust(true));
+    match (&read, &set) {
+        (Err(NetError::NoSuchVf { .. }), Err(NetError::NoSuchVf { .. })) => {
+            pass("vfcfg-nosuchvf", &format!("vf={missing}"));
+        }
+        _ => {
+            return Err(format!(
+                "vfcfg-nosuchvf: expected NoSuchVf twice, got {read:?} / {set:?}"
+            ));
+        }
+    }
+
+    let t = Instant::now();
+    vfset::restore_vf_config(&nl, &pf_dev, vf, &saved, &cfg, &report.skipped).map_err(|errs| {
+        let list: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        format!("vfcfg-restore: {}", list.join("; "))
+    })?;
+    figure("vfcfg.restore", t.elapsed());
+    let after = nl
+        .read_vf(&pf_dev, vf)
+        .map_err(|e| format!("vfcfg-restore: {e}"))?;
+    if after != before {
+        return Err(format!(
+            "vfcfg-restore: VF differs from the saved state: before {} / after {}",
+            describe(&before),
+            describe(&after)
+        ));
+    }
+    match iproute2_agrees(&pf_dev, vf, &after).map_err(|e| format!("vfcfg-restore: {e}"))? {
+        Some(line) => pass(
+            "vfcfg-restore",
+            &format!("{} line={line:?}", describe(&after)),
+        ),
+        None => pass("vfcfg-restore", &describe(&after)),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,9 +691,9 @@ mod tests {
         let d = parse("").unwrap();
         assert_eq!(d.sysfs, PathBuf::from("/sys"));
         assert_eq!(d.phases, [Phase::Prelaunch]);
-        let a = parse("--numvfs 3 --phases prelaunch,linux --sysfs /fake").unwrap();
+        let a = parse("--numvfs 3 --phases prelaunch,linux,vfconfig --sysfs /fake").unwrap();
         assert_eq!(a.numvfs, 3);
-        assert_eq!(a.phases, [Phase::Prelaunch, Phase::Linux]);
+        assert_eq!(a.phases, [Phase::Prelaunch, Phase::Linux, Phase::VfConfig]);
         assert_eq!(a.sysfs, PathBuf::from("/fake"));
     }
 
@@ -386,5 +703,63 @@ mod tests {
         assert!(parse("--numvfs 0").is_err());
         assert!(parse("--phases warp").unwrap_err().contains("warp"));
         assert!(parse("--bogus 1").unwrap_err().contains("--bogus"));
+    }
+    /// `ip link show` of a PF as iproute2 6.1 prints it (one VF configured, one fresh).
+    const IP_LINK: &str = "2: enp1s0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc mq state UP mode DEFAULT group default qlen 1000
+    link/ether 52:54:00:12:34:56 brd ff:ff:ff:ff:ff:ff
+    vf 0     link/ether 00:00:00:00:00:00 brd ff:ff:ff:ff:ff:ff, spoof checking on, link-state auto, trust off
+    vf 1     link/ether 02:00:00:00:01:01 brd ff:ff:ff:ff:ff:ff, vlan 100, qos 3, tx rate 100 (Mbps), max_tx_rate 100Mbps, spoof checking off, link-state auto, trust on
+";
+
+    fn applied() -> VfSettings {
+        VfSettings {
+            mac: MacAddr([0x02, 0, 0, 0, 0x01, 0x01]),
+            vlan: 100,
+            qos: 3,
+            vlan_proto: VlanProto::Dot1Q,
+            spoofchk: Some(false),
+            trust: Some(true),
+            link_state: Some(VfLinkState::Auto),
+            min_tx_rate: 0,
+            max_tx_rate: 100,
+        }
+    }
+
+    #[test]
+    fn iproute2_vf_lines_are_compared_field_by_field() {
+        let l1 = iproute2_vf_line(IP_LINK, 1).unwrap();
+        assert!(l1.starts_with("vf 1 "));
+        assert_eq!(iproute2_mismatches(l1, &applied()), Vec::<String>::new());
+        let fresh = VfSettings {
+            spoofchk: Some(true),
+            trust: Some(false),
+            link_state: Some(VfLinkState::Auto),
+            ..VfSettings::default()
+        };
+        let l0 = iproute2_vf_line(IP_LINK, 0).unwrap();
+        assert_eq!(iproute2_mismatches(l0, &fresh), Vec::<String>::new());
+        // Each disagreement is found: VLAN 1000 is not VLAN 100, a rate that should be gone is
+        // reported, and another MAC is noticed.
+        let mut other = applied();
+        other.vlan = 1000;
+        assert_eq!(iproute2_mismatches(l1, &other).len(), 1);
+        assert_eq!(
+            iproute2_mismatches(l1, &fresh).len(),
+            6,
+            "{:?}",
+            iproute2_mismatches(l1, &fresh)
+        );
+        assert!(iproute2_vf_line(IP_LINK, 2).is_none());
+    }
+
+    #[test]
+    fn vfconfig_request_is_valid_and_described() {
+        let c = vfconfig_request();
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            describe(&applied()),
+            "mac=02:00:00:00:01:01 vlan=100 qos=3 proto=802.1q spoofchk=false trust=true \
+             link_state=auto rate=0/100"
+        );
     }
 }
