@@ -6,7 +6,7 @@
 //! Start with [`Invocation::parse`] (pure: environment + stdin to a checked run; what the fuzzer
 //! and property tests drive), then [`run::run`] (the commands, with I/O). The pieces:
 //!
-//! - [`env`]: `CNI_*` variables and `CNI_ARGS` (errors are code 4 and name the variable);
+//! - [`env`](mod@env): `CNI_*` variables and `CNI_ARGS` (errors are code 4 and name the variable);
 //! - [`config`]: the network config (sriov-cni's keys plus `socket`, `pool`, `timeoutSeconds`);
 //! - [`version`]: supported spec versions and what each allows;
 //! - [`result`]: the protocol's result and error messages, shaped per version;
@@ -15,7 +15,7 @@
 //!
 //! The binary (`src/main.rs`) only reads the process environment and stdin, sets up logging
 //! and prints. The user-facing reference is `docs/cni.md`. With the `testing` feature,
-//! [`testing`] has a fake node API server and helpers to exec the binary.
+//! `testing` has a fake node API server and helpers to exec the binary.
 
 pub mod config;
 pub mod devinfo;

@@ -97,6 +97,35 @@ fn version_prints_only_the_version_json() {
     assert_eq!(out.stderr, "");
 }
 
+/// VERSION must not read stdin: a runtime may leave it open, and the plugin must still answer.
+#[test]
+fn version_does_not_wait_for_stdin() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vfplug"))
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdin stays open (held here) until the end of the test.
+    let _stdin = child.stdin.take();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            panic!("VERSION waited for stdin");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("supportedVersions"), "{out}");
+}
+
 #[test]
 fn bad_inputs_print_one_error_object_and_exit_non_zero() {
     let dir = tempdir().unwrap();
