@@ -59,6 +59,8 @@ async fn main() {
         .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
         .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
         .args(["--state-dir", root.join("state").to_str().unwrap()])
+        .args(["--socket", root.join("vfplugd.sock").to_str().unwrap()])
+        .args(["--vf-netlink", "simulated"])
         .args(["--config", root.join("config.yaml").to_str().unwrap()])
         .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])
         .args(["--http-addr", "127.0.0.1:0"])

@@ -39,6 +39,8 @@ fn spawn_vfplugd(bin: &Path, root: &Path) -> Child {
         .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
         .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
         .args(["--state-dir", root.join("state").to_str().unwrap()])
+        .args(["--socket", root.join("vfplugd.sock").to_str().unwrap()])
+        .args(["--vf-netlink", "simulated"])
         .args(["--config", root.join("config.yaml").to_str().unwrap()])
         .args(["--dev-root", root.join("dev").to_str().unwrap()])
         .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -52,9 +53,26 @@ struct Args {
     /// Interval of the kubelet PodResources poll in seconds.
     #[arg(long, env = "VFPLUG_PODRESOURCES_SECONDS", default_value_t = 5)]
     podresources_seconds: u64,
+    /// The node API socket (gRPC, root-only) that the `vfplug` CNI plugin talks to.
+    #[arg(
+        long,
+        env = "VFPLUG_SOCKET",
+        default_value = "/run/vfplug/vfplugd.sock"
+    )]
+    socket: PathBuf,
+    /// How VF settings (MAC, VLAN, spoofchk, trust, rates) reach the PF: real netlink, or a
+    /// simulated PF kept in memory, for nodes without SR-IOV (demo, tests).
+    #[arg(long, env = "VFPLUG_VF_NETLINK", value_enum, default_value_t = VfNetlinkArg::Netlink)]
+    vf_netlink: VfNetlinkArg,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VFPLUG_LOG_JSON")]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum VfNetlinkArg {
+    Netlink,
+    Simulated,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -122,6 +140,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         resync_interval: Duration::from_secs(args.resync_seconds.max(1)),
         poll_interval: Duration::from_millis(50),
         podresources_interval: Duration::from_secs(args.podresources_seconds.max(1)),
+        node_socket: Some(args.socket),
+        vf_netlink: match args.vf_netlink {
+            VfNetlinkArg::Netlink => {
+                Arc::new(vfplug_host::rtnl::RtVfNetlink::new().context("opening a netlink socket")?)
+            }
+            VfNetlinkArg::Simulated => {
+                tracing::warn!("VF settings go to a simulated PF (--vf-netlink simulated)");
+                Arc::new(vfplug_host::sim::SimVfNetlink::default())
+            }
+        },
+        netdev_ops: Arc::new(
+            vfplug_host::netdev::RtNetdevOps::new().context("opening vfplugd's own netns")?,
+        ),
     };
 
     let cancel = CancellationToken::new();

@@ -63,6 +63,8 @@ async fn vfplugd_registers_serves_health_and_stops_on_sigterm() {
         .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
         .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
         .args(["--state-dir", root.join("state").to_str().unwrap()])
+        .args(["--socket", root.join("vfplugd.sock").to_str().unwrap()])
+        .args(["--vf-netlink", "simulated"])
         .args(["--config", cfg.to_str().unwrap()])
         .args(["--dev-root", root.join("dev").to_str().unwrap()])
         .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])
@@ -115,6 +117,29 @@ async fn vfplugd_registers_serves_health_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The node API answers on its socket, which only root may open.
+    let node_sock = root.join("vfplugd.sock");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&node_sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "node API socket mode {mode:o}");
+    }
+    let ch = vfplug_api::connect(&node_sock, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let list = vfplug_api::v1::node_client::NodeClient::new(ch)
+        .list(vfplug_api::v1::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.vfs.len(), 16);
+    assert!(
+        list.vfs
+            .iter()
+            .all(|v| v.state == "free" && v.pool == "intel.com/intel_sriov_netdevice"),
+        "{list:?}"
+    );
+
     // SIGTERM: clean exit, sockets gone.
     let pid = child.id().to_string();
     assert!(
@@ -131,6 +156,7 @@ async fn vfplugd_registers_serves_health_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
     let sock = root.join("kubelet/device-plugins/vfplug-intel_sriov_netdevice.sock");
     assert!(!sock.exists(), "plugin socket left behind");
+    assert!(!node_sock.exists(), "node API socket left behind");
 }
 
 #[test]
@@ -150,6 +176,11 @@ fn vfplugd_names_the_bad_key_and_exits_nonzero() {
             dir.path().join("kubelet").to_str().unwrap(),
         ])
         .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+        .args([
+            "--socket",
+            dir.path().join("vfplugd.sock").to_str().unwrap(),
+        ])
+        .args(["--vf-netlink", "simulated"])
         .args(["--config", cfg.to_str().unwrap()])
         .args(["--http-addr", "127.0.0.1:0"])
         .output()
