@@ -46,7 +46,13 @@ pub async fn run(inv: &Invocation) -> Result<Option<String>, CniError> {
         return Ok(Some(version_output()));
     }
     let conf = inv.conf()?;
-    let delegate = ipam::delegate(conf.ipam.as_ref(), &inv.env, &inv.stdin, conf.timeout)?;
+    let delegate = ipam::delegate(
+        conf.ipam.as_ref(),
+        &inv.env,
+        &inv.stdin,
+        conf.timeout,
+        conf.cni_version,
+    )?;
     match inv.env.command {
         Command::Add => add(inv, delegate.as_ref()).await.map(Some),
         Command::Del => del(inv, delegate.as_ref()).await.map(|()| None),

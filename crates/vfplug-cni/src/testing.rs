@@ -434,7 +434,9 @@ pub struct IpamCall {
 }
 
 /// A shell script in a directory (use the directory as `CNI_PATH`) that plays an IPAM plugin:
-/// prints `add_result` on ADD, fails as told, and records every call.
+/// answers `VERSION` with the versions it supports, rejects a config of any other version with
+/// code 1 (as libcni's skeleton does), prints `add_result` on ADD, fails as told, and records
+/// every call (`VERSION` included).
 #[derive(Debug, Clone)]
 pub struct FakeIpam {
     /// The directory holding the script and its records.
@@ -444,13 +446,28 @@ pub struct FakeIpam {
 }
 
 impl FakeIpam {
-    /// Writes the script `dir/name`. On ADD it prints `add_result`; for a command in `fail` it
-    /// prints the given stdout and exits with the given status instead.
+    /// Writes the script `dir/name`, supporting every version vfplug does. On ADD it prints
+    /// `add_result`; for a command in `fail` it prints the given stdout and exits with the given
+    /// status instead.
     pub fn create(
         dir: &Path,
         name: &str,
         add_result: &str,
         fail: &[(&str, &str, i32)],
+    ) -> std::io::Result<Self> {
+        let all: Vec<&str> = crate::CniVersion::ALL.iter().map(|v| v.as_str()).collect();
+        Self::create_with_versions(dir, name, add_result, fail, &all)
+    }
+
+    /// As [`FakeIpam::create`], supporting only `versions` (e.g. `["0.4.0", "1.0.0"]`, like
+    /// Debian bookworm's host-local). The config's version is the first `"cniVersion"` on
+    /// stdin (the top-level one in the shim's compact, key-sorted JSON).
+    pub fn create_with_versions(
+        dir: &Path,
+        name: &str,
+        add_result: &str,
+        fail: &[(&str, &str, i32)],
+        versions: &[&str],
     ) -> std::io::Result<Self> {
         let rec = dir.join(format!("{name}.calls"));
         std::fs::create_dir_all(&rec)?;
@@ -461,6 +478,20 @@ impl FakeIpam {
                 shell_quote(out)
             ));
         }
+        let list = versions
+            .iter()
+            .map(|v| format!("\"{v}\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let version_answer = format!(
+            r#"{{"cniVersion":"{}","supportedVersions":[{list}]}}"#,
+            versions.last().copied().unwrap_or("1.1.0")
+        );
+        let accepted = versions
+            .iter()
+            .map(|v| shell_quote(v))
+            .collect::<Vec<_>>()
+            .join("|");
         let script = format!(
             r#"#!/bin/sh
 # Fake IPAM plugin written by vfplug-cni's tests: records the call, answers as scripted.
@@ -469,12 +500,24 @@ f={rec}/$(printf '%04d' "$n")
 env | grep '^CNI_' > "$f.env"
 cat > "$f.stdin"
 case "$CNI_COMMAND" in
-{cases}  ADD) printf '%s' {result} ;;
+{cases}  VERSION) printf '%s' {version_answer}; exit 0 ;;
 esac
+v=$(grep -o '"cniVersion" *: *"[^"]*"' "$f.stdin" | head -n 1 | sed 's/.*"\([^"]*\)"$/\1/')
+case "$v" in
+  {accepted}) ;;
+  *) printf '{{"code":1,"msg":"incompatible CNI versions","details":"config is %s"}}' "$v"; exit 1 ;;
+esac
+[ "$CNI_COMMAND" = ADD ] && printf '%s' {result}
 exit 0
 "#,
             rec = shell_quote(&rec.display().to_string()),
             result = shell_quote(add_result),
+            version_answer = shell_quote(&version_answer),
+            accepted = if accepted.is_empty() {
+                "''".to_owned()
+            } else {
+                accepted
+            },
         );
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));

@@ -333,9 +333,12 @@ fn add_with_delegated_ipam() {
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
 
     // The IPAM plugin got our env and exactly our stdin.
+    // First its VERSION (negotiation), then ADD.
     let calls = ipam.calls().unwrap();
-    assert_eq!(calls.len(), 1);
-    let call = &calls[0];
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].env["CNI_COMMAND"], "VERSION");
+    assert_eq!(calls[0].stdin, r#"{"cniVersion":"1.1.0"}"#);
+    let call = &calls[1];
     for (k, v) in [
         ("CNI_COMMAND", "ADD"),
         ("CNI_CONTAINERID", "c0ffee"),
@@ -413,7 +416,7 @@ fn failed_node_add_prints_vfplugds_code_and_rolls_back_ipam() {
         j["details"],
         "details of VF 0000:3b:02.1 is held by pod ns/other"
     );
-    assert_eq!(ipam.commands().unwrap(), vec!["ADD", "DEL"]);
+    assert_eq!(ipam.commands().unwrap(), vec!["VERSION", "ADD", "DEL"]);
 }
 
 #[test]
@@ -466,7 +469,7 @@ fn del_uses_the_pci_hint_then_ipam_and_tolerates_a_missing_netns() {
     assert_eq!(req.netns, NETNS);
     assert_eq!(req.network, "sriov-net");
     assert_eq!(req.attachment.as_ref().unwrap().pod_uid, "uid-a");
-    assert_eq!(ipam.commands().unwrap(), vec!["DEL"]);
+    assert_eq!(ipam.commands().unwrap(), vec!["VERSION", "DEL"]);
 
     // No netns (gone), no prevResult: still a Del with the config's deviceID.
     c.as_object_mut().unwrap().remove("prevResult");
@@ -514,7 +517,7 @@ fn check_asks_vfplugd_then_ipam() {
     };
     assert_eq!(req.ips[0].address, "192.168.10.7/24");
     assert_eq!(req.config.as_ref().unwrap().vlan, Some(100));
-    assert_eq!(ipam.commands().unwrap(), vec!["CHECK"]);
+    assert_eq!(ipam.commands().unwrap(), vec!["VERSION", "CHECK"]);
 
     node.set_script(Script {
         check: Some(Failure::new(
@@ -525,7 +528,7 @@ fn check_asks_vfplugd_then_ipam() {
     });
     let out = Env::new("CHECK", dir.path()).run(&c);
     assert_eq!(out.error_code(), 103);
-    assert_eq!(ipam.commands().unwrap(), vec!["CHECK"]);
+    assert_eq!(ipam.commands().unwrap(), vec!["VERSION", "CHECK"]);
 }
 
 #[test]
@@ -604,7 +607,7 @@ fn gc_sends_the_valid_list_then_runs_ipam_gc_even_after_a_failure() {
         ),
         ("c1", "net1")
     );
-    assert_eq!(ipam.commands().unwrap(), vec!["GC"]);
+    assert_eq!(ipam.commands().unwrap(), vec!["VERSION", "GC"]);
 
     node.set_script(Script {
         gc: Some(Err(Failure::new(CniCode::Internal, "ledger"))),
@@ -612,7 +615,10 @@ fn gc_sends_the_valid_list_then_runs_ipam_gc_even_after_a_failure() {
     });
     let out = env.run(&c);
     assert_eq!(out.error_code(), 106);
-    assert_eq!(ipam.commands().unwrap(), vec!["GC", "GC"]);
+    assert_eq!(
+        ipam.commands().unwrap(),
+        vec!["VERSION", "GC", "VERSION", "GC"]
+    );
 }
 
 #[test]
@@ -648,8 +654,9 @@ fn a_hanging_ipam_plugin_is_killed_at_the_timeout() {
     c["timeoutSeconds"] = json!(1);
     let out = Env::new("ADD", dir.path()).run(&c);
     assert_eq!(out.error_code(), 105, "{}", out.stdout);
+    // It hangs already on the VERSION probe; that is not retried as-is (twice the wait).
     assert!(
-        out.error_msg().contains("did not finish ADD"),
+        out.error_msg().contains("did not finish VERSION"),
         "{}",
         out.stdout
     );
@@ -693,6 +700,140 @@ fn real_host_local_ipam() {
     assert!(lease.exists(), "{}", lease.display());
 
     let out = Env::new("DEL", std::path::Path::new("/usr/lib/cni")).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(!lease.exists(), "DEL must release the address");
+}
+
+/// A config of 1.1.0 and an IPAM plugin that speaks only up to 1.0.0 (Debian bookworm's
+/// host-local, played by a script that rejects 1.1.0 with code 1): the plugin is asked VERSION,
+/// gets the config as 1.0.0, and its result comes back in 1.1.0.
+#[test]
+fn ipam_plugin_older_than_the_config_gets_a_lowered_version() {
+    let dir = tempdir().unwrap();
+    let v10 = json!({"cniVersion": "1.0.0",
+        "ips": [{"address": "192.168.10.7/24", "gateway": "192.168.10.1"}],
+        "routes": [{"dst": "0.0.0.0/0"}]})
+    .to_string();
+    let ipam =
+        FakeIpam::create_with_versions(dir.path(), "old-ipam", &v10, &[], &["0.4.0", "1.0.0"])
+            .unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "old-ipam", "subnet": "192.168.10.0/24"});
+
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let r = out.json();
+    assert_eq!(r["cniVersion"], "1.1.0");
+    assert_eq!(r["interfaces"][0]["pciID"], "0000:3b:02.1");
+    assert_eq!(
+        r["ips"],
+        json!([{"address": "192.168.10.7/24", "gateway": "192.168.10.1", "interface": 0}])
+    );
+    let calls = ipam.calls().unwrap();
+    let cmds: Vec<&str> = calls
+        .iter()
+        .map(|c| c.env["CNI_COMMAND"].as_str())
+        .collect();
+    assert_eq!(cmds, ["VERSION", "ADD"]);
+    assert_eq!(calls[0].stdin, r#"{"cniVersion":"1.1.0"}"#);
+    let sent: Value = serde_json::from_str(&calls[1].stdin).unwrap();
+    let mut expected = c.clone();
+    expected["cniVersion"] = json!("1.0.0");
+    assert_eq!(sent, expected, "only cniVersion changes");
+
+    // DEL and CHECK (with a 1.1.0 prevResult, written as 1.0.0 for the plugin) go lowered too.
+    assert_eq!(Env::new("DEL", dir.path()).run(&c).code, Some(0));
+    let mut ck = c.clone();
+    ck["prevResult"] = r.clone();
+    let out = Env::new("CHECK", dir.path()).run(&ck);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let calls = ipam.calls().unwrap();
+    let check: Value = serde_json::from_str(&calls.last().unwrap().stdin).unwrap();
+    assert_eq!(check["cniVersion"], "1.0.0");
+    assert_eq!(check["prevResult"]["cniVersion"], "1.0.0");
+    assert!(check["prevResult"]["interfaces"][0].get("pciID").is_none());
+
+    // STATUS and GC exist only in 1.1: the plugin is asked VERSION and nothing else.
+    let before = calls.len();
+    let bare = Env::new("STATUS", dir.path())
+        .without("CNI_CONTAINERID")
+        .without("CNI_IFNAME")
+        .without("CNI_NETNS");
+    let out = bare.run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let mut gc = c.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let out = Env::new("GC", dir.path())
+        .without("CNI_CONTAINERID")
+        .without("CNI_IFNAME")
+        .without("CNI_NETNS")
+        .run(&gc);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        ipam.commands().unwrap()[before..],
+        ["VERSION", "VERSION"],
+        "STATUS/GC must not reach a 1.0.0 plugin"
+    );
+}
+
+/// A plugin whose VERSION fails is delegated to as-is: here it then rejects 1.1.0 with its own
+/// code 1, passed through (which is also what an unnegotiated delegation would do).
+#[test]
+fn ipam_plugin_whose_version_fails_gets_the_config_as_is() {
+    let dir = tempdir().unwrap();
+    let ipam = FakeIpam::create_with_versions(
+        dir.path(),
+        "no-version",
+        &ipam_add_result(),
+        &[("VERSION", "boom", 2)],
+        &["0.4.0", "1.0.0"],
+    )
+    .unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "no-version"});
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 1, "{}", out.stdout);
+    assert!(out.error_msg().contains("incompatible"), "{}", out.stdout);
+    let calls = ipam.calls().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].stdin, c.to_string(), "as-is");
+    assert!(node.calls().is_empty());
+    // STATUS goes as-is too (the plugin answers 1, passed through).
+    let out = Env::new("STATUS", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 1, "{}", out.stdout);
+}
+
+/// Debian's real host-local with a 1.1.0 config (it speaks up to 1.0.0): ADD, DEL and STATUS
+/// work through negotiation.
+#[test]
+fn real_host_local_with_a_1_1_0_config() {
+    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
+    if !host_local.exists() {
+        eprintln!(
+            "SKIP real_host_local_with_a_1_1_0_config because {} is missing (apt-get install containernetworking-plugins)",
+            host_local.display()
+        );
+        return;
+    }
+    let dir = tempdir().unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let data = dir.path().join("ipam-data");
+    let mut c = conf(&node.socket);
+    c["ipam"] = json!({"type": "host-local", "dataDir": data.to_str().unwrap(),
+        "ranges": [[{"subnet": "10.78.0.0/24", "rangeStart": "10.78.0.10", "gateway": "10.78.0.1"}]]});
+    let cni = std::path::Path::new("/usr/lib/cni");
+    let out = Env::new("ADD", cni).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let r = out.json();
+    assert_eq!(r["cniVersion"], "1.1.0");
+    assert_eq!(r["ips"][0]["address"], "10.78.0.10/24", "{r}");
+    let lease = data.join("sriov-net").join("10.78.0.10");
+    assert!(lease.exists(), "{}", lease.display());
+    let out = Env::new("STATUS", cni).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let out = Env::new("DEL", cni).run(&c);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     assert!(!lease.exists(), "DEL must release the address");
 }
