@@ -105,9 +105,17 @@ struct VfFacts {
     pool: PoolConfig,
 }
 
+/// The ledger's owner for an attachment. The pod is named `namespace/name` when the runtime
+/// says both (CNI_ARGS K8S_POD_NAMESPACE / K8S_POD_NAME), because that is how PodResources names
+/// the pods of kubelet's allocations, so a VF kubelet gave this pod can be claimed; else by UID.
 fn owner_of(a: &v1::Attachment) -> Owner {
+    let pod = if a.pod_namespace.is_empty() || a.pod_name.is_empty() {
+        a.pod_uid.clone()
+    } else {
+        format!("{}/{}", a.pod_namespace, a.pod_name)
+    };
     Owner {
-        pod_uid: a.pod_uid.clone(),
+        pod_uid: pod,
         container_id: a.container_id.clone(),
         ifname: a.ifname.clone(),
     }
@@ -718,6 +726,7 @@ impl NodeService {
                     host_mac: p.host_mac,
                     host_mtu: p.host_mtu,
                     altnames: p.altnames.clone(),
+                    expect_macs: p.pod_mac.into_iter().chain(p.host_mac).collect(),
                 };
                 match netdev.retrieve(&req) {
                     Ok(Retrieved::NotFound) => warnings.push(format!(

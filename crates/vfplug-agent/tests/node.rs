@@ -16,7 +16,8 @@ use vfplug_core::{MacAddr, VfLinkState};
 use vfplug_host::fixture::{SysfsBuilder, VfSpec};
 use vfplug_host::net::{LinkInfo, NetdevOps, VfNetlink, VfSettings};
 use vfplug_host::sim::{DriverProfile, Fault, SimNetdevOps, SimVfNetlink};
-use vfplug_kubelet::testing::FakeKubelet;
+use vfplug_kubelet::api::podresources as pr;
+use vfplug_kubelet::testing::{FakeKubelet, FakePodResources};
 
 const CONFIG: &str = r#"
 resourcePrefix: vfplug.io
@@ -42,6 +43,7 @@ struct Node {
     net: Arc<SimNetdevOps>,
     cancel: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    podres: FakePodResources,
     client: NodeClient<tonic::transport::Channel>,
     _kubelet: FakeKubelet,
 }
@@ -83,7 +85,9 @@ impl Node {
         }
         let pf = Arc::new(SimVfNetlink::new(profile));
         let kubelet = FakeKubelet::start(&root.join("kubelet")).await.unwrap();
+        let podres = FakePodResources::start(&root.join("kubelet")).unwrap();
         let mut node = Self {
+            podres,
             vfs,
             _dir: dir,
             root,
@@ -104,6 +108,7 @@ impl Node {
         let mut o = AgentOptions::rooted(&self.root, self.root.join("config.yaml"));
         o.vf_netlink = self.pf.clone();
         o.netdev_ops = self.net.clone();
+        o.podresources_interval = Duration::from_millis(100);
         self.cancel = CancellationToken::new();
         let agent = Agent::start(o, self.cancel.clone())
             .await
@@ -719,4 +724,48 @@ async fn bad_requests_get_named_errors_and_change_nothing() {
         .into_inner();
     assert!(list.vfs.iter().all(|v| v.state == "free"), "{list:?}");
     assert!(n.net.link(None, "ens1f0v0").unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_kubelet_allocated_a_vf_to_claims_it_and_gets_it_back_to_kubelet() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let dev = n.vfs[2].clone();
+    // Kubelet allocated the VF to pod demo/web (PodResources says so); Multus calls ADD with it.
+    n.podres.set_pods(vec![pr::PodResources {
+        name: "web".into(),
+        namespace: "demo".into(),
+        containers: vec![pr::ContainerResources {
+            name: "c".into(),
+            devices: vec![pr::ContainerDevices {
+                resource_name: "vfplug.io/net".into(),
+                device_ids: vec![dev.clone()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }]);
+    for _ in 0..100 {
+        if n.state_of(&dev).await.state == "kubelet_allocated" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n.state_of(&dev).await.state, "kubelet_allocated");
+    let ns = n.netns("web");
+    let mut req = add_req("sandbox-web", &ns, &dev, full_config());
+    let a = req.attachment.as_mut().unwrap();
+    a.pod_namespace = "demo".into();
+    a.pod_name = "web".into();
+    // Another pod cannot take it.
+    let mut other = add_req("sandbox-x", &ns, &dev, full_config());
+    let o = other.attachment.as_mut().unwrap();
+    o.pod_namespace = "demo".into();
+    o.pod_name = "other".into();
+    assert_eq!(n.add(other).await.unwrap_err().0, 102);
+    n.add(req).await.unwrap();
+    assert_eq!(n.state_of(&dev).await.state, "configured");
+    assert!(n.del("sandbox-web", "net1", "").await.released);
+    // Back to kubelet's accounting, not to the free pool.
+    assert_eq!(n.state_of(&dev).await.state, "kubelet_allocated");
 }

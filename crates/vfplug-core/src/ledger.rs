@@ -49,7 +49,8 @@ pub type Token = u64;
 /// Who holds a VF: one interface of one container of one pod.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Owner {
-    /// Pod UID.
+    /// The pod: `namespace/name` when known (as PodResources names kubelet's allocations, so
+    /// the pod can claim the VF kubelet gave it), else its UID.
     pub pod_uid: String,
     /// CNI container ID (sandbox ID).
     pub container_id: String,

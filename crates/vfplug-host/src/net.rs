@@ -284,6 +284,11 @@ pub struct RetrieveRequest {
     pub host_mtu: u32,
     /// Altnames to put back.
     pub altnames: Vec<String>,
+    /// A link found under a name other than `host_name` is only taken if its MAC is one of
+    /// these (the MAC it had in the pod, its host MAC); empty: no MAC check. Together with
+    /// "it must be down", this keeps a host link that merely shares the pod's interface name
+    /// from being taken for the VF.
+    pub expect_macs: Vec<MacAddr>,
 }
 
 /// What [`NetdevOps::retrieve`] found.

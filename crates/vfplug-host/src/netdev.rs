@@ -831,6 +831,13 @@ impl NetdevOps for RtNetdevOps {
                 tracing::warn!(candidate = %cand, "a link of that name is up: not the VF's; skipped");
                 continue;
             }
+            if *cand != req.host_name
+                && !req.expect_macs.is_empty()
+                && !l.mac.is_some_and(|m| req.expect_macs.contains(&m))
+            {
+                tracing::warn!(candidate = %cand, "a link of that name has another MAC: not the VF's; skipped");
+                continue;
+            }
             self.restore_at_home(&mut host, l.index, req)?;
             return Ok(Retrieved::FromHost);
         }

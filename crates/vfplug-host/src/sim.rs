@@ -117,15 +117,12 @@ fn describe(c: &VfChange) -> String {
 impl VfNetlink for SimVfNetlink {
     fn read_vf(&self, pf: &str, vf: u32) -> Result<VfSettings, NetError> {
         let g = self.lock();
-        let mut s = g
-            .vfs
+        // Like the kernel, report every knob even where the driver cannot set it (a real igb
+        // reads back link state `auto` and refuses to change it).
+        Ok(g.vfs
             .get(&(pf.to_owned(), vf))
             .cloned()
-            .unwrap_or_else(Self::fresh);
-        if self.profile.unsupported.contains(&"link_state") {
-            s.link_state = None;
-        }
-        Ok(s)
+            .unwrap_or_else(Self::fresh))
     }
 
     fn set_vf(&self, pf: &str, vf: u32, change: VfChange) -> Result<(), NetError> {
@@ -317,7 +314,13 @@ impl NetdevOps for SimNetdevOps {
         if found.is_none() {
             let host = g.spaces.entry(None).or_default();
             for c in &req.host_candidates {
-                if let Some(l) = host.remove(c) {
+                let ours = host.get(c).is_some_and(|l| {
+                    *c == req.host_name
+                        || (!l.up
+                            && (req.expect_macs.is_empty()
+                                || l.mac.is_some_and(|m| req.expect_macs.contains(&m))))
+                });
+                if ours && let Some(l) = host.remove(c) {
                     found = Some((l, Retrieved::FromHost));
                     break;
                 }

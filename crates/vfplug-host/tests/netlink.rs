@@ -221,6 +221,7 @@ fn retrieve_req(vf: &str, ns: Option<&Netns>, orig: &Shown) -> RetrieveRequest {
         host_mac: Some(mac(&orig.mac)),
         host_mtu: orig.mtu,
         altnames: orig.altnames.clone(),
+        expect_macs: vec![],
     }
 }
 
@@ -422,12 +423,22 @@ fn host_candidates_never_take_an_up_link_of_another_name() {
         host_mac: Some(mac("02:00:00:00:00:01")),
         host_mtu: 1280,
         altnames: vec![],
+        expect_macs: vec![],
     };
     assert_eq!(ops.retrieve(&r).unwrap(), Retrieved::NotFound);
     assert_eq!(show(None, &stranger.vf).unwrap(), before);
 
-    // Down, under a candidate name, it is taken as the VF back from a dead netns and renamed.
+    // Down, but with a MAC the VF never had: still not ours.
     ip_ok(&["link", "set", &stranger.vf, "down"]);
+    let down = show(None, &stranger.vf).unwrap();
+    let picky = RetrieveRequest {
+        expect_macs: vec![mac("02:00:00:00:00:99")],
+        ..r.clone()
+    };
+    assert_eq!(ops.retrieve(&picky).unwrap(), Retrieved::NotFound);
+    assert_eq!(show(None, &stranger.vf).unwrap(), down);
+
+    // Down, under a candidate name, it is taken as the VF back from a dead netns and renamed.
     assert_eq!(ops.retrieve(&r).unwrap(), Retrieved::FromHost);
     let _renamed = Link {
         name: r.host_name.clone(),
