@@ -3,16 +3,29 @@
 #  1. vfplugd (the real binary) on a fake sysfs SR-IOV node, with a kubelet stand-in speaking the
 #     real device-plugin gRPC protocol: registration, snapshots, GetPreferredAllocation, Allocate,
 #     health flips, sriov_numvfs changes, vfplugd and kubelet restarts.
-#  2. The VM lab's qemu tier: a real QEMU 10 (TCG) guest, device_add/device_del through vfplug's
+#  2. The `vfplug` CNI plugin exec'd as a runtime does (env, stdin, stdout) against vfplugd on a
+#     simulated node whose VF netdevs are real veth links: ADD into real network namespaces with
+#     Debian's host-local IPAM, idempotent ADD, CHECK, pool allocation, a bad config, DEL (also
+#     after the netns is gone), GC, STATUS, and the codes when vfplugd is down.
+#  3. The VM lab's qemu tier: a real QEMU 10 (TCG) guest, device_add/device_del through vfplug's
 #     QMP client with the guest acknowledging the unplug.
-# Run as root on a fresh Debian bookworm machine (root only for apt-get in the lab setup).
+# Run as root on a fresh Debian bookworm machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+if [ "$(id -u)" = 0 ]; then
+    echo "== setup: Debian packages (iproute2, CNI plugins for host-local IPAM)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends iproute2 containernetworking-plugins >/dev/null
+fi
 echo "== build"
-cargo build --bin vfplugd --example demo -p vfplugd
+cargo build --bin vfplugd --example demo --example cni_demo -p vfplugd
+cargo build --bin vfplug -p vfplug-cni
 echo "== part 1: device plugin on a simulated node"
 target/debug/examples/demo target/debug/vfplugd "$@"
-echo "== part 2: real QEMU hotplug through vfplug-qmp (VM lab, qemu tier)"
+echo "== part 2: the vfplug CNI plugin into real network namespaces"
+target/debug/examples/cni_demo target/debug/vfplugd target/debug/vfplug
+echo "== part 3: real QEMU hotplug through vfplug-qmp (VM lab, qemu tier)"
 bash tests/vmlab/setup.sh
 VMLAB_TIER=qemu VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture --test-threads 1
