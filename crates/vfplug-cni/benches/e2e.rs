@@ -4,7 +4,7 @@
 //! - (a) the real shim exec'd + the real vfplugd, ADD then DEL, N times, with and without
 //!   Debian's host-local as IPAM;
 //! - (b) vfplugd's own share: the same Add and Del through the generated node API client (a
-//!   fresh connection per call, as the shim makes), no exec, no IPAM;
+//!   fresh connection per call, as the shim makes), no exec, no IPAM; (a) and (b) interleaved;
 //! - shim overhead = median (a, no IPAM) - median (b); IPAM's share = median (a) - (a, no IPAM);
 //! - (c) 64 ADDs at once (64 threads exec'ing the shim, IPAM on) on 64 VFs of one PF, then 64
 //!   DELs at once: wall time, p50/p99 per call, errors.
@@ -56,65 +56,56 @@ fn row(label: &str, v: &[Duration], errors: usize) {
     );
 }
 
-/// (a): the shim, N round trips on one VF.
-fn shim_round_trips(h: &Host, pod: &Pod, conf: &Value, n: usize) -> Series {
-    let mut s = Series::default();
-    for i in 0..n {
-        let cid = format!("a{i}");
-        let out = h.cni("ADD", &cid, &pod.path, "net1", conf);
-        assert_eq!(out.code, Some(0), "ADD: {}\n{}", out.stdout, out.stderr);
-        s.add.push(out.elapsed);
-        let out = h.cni("DEL", &cid, &pod.path, "net1", conf);
-        assert_eq!(out.code, Some(0), "DEL: {}\n{}", out.stdout, out.stderr);
-        s.del.push(out.elapsed);
-    }
-    s.sorted()
+/// (a): one round trip through the shim on VF 0; (ADD, DEL) times.
+fn shim_round_trip(h: &Host, pod: &Pod, conf: &Value, cid: &str) -> (Duration, Duration) {
+    let out = h.cni("ADD", cid, &pod.path, "net1", conf);
+    assert_eq!(out.code, Some(0), "ADD: {}\n{}", out.stdout, out.stderr);
+    let add = out.elapsed;
+    let out = h.cni("DEL", cid, &pod.path, "net1", conf);
+    assert_eq!(out.code, Some(0), "DEL: {}\n{}", out.stdout, out.stderr);
+    (add, out.elapsed)
 }
 
 /// (b): the same through the node API client, a fresh connection per call.
-fn node_api_round_trips(h: &Host, pod: &Pod, n: usize) -> Series {
+fn node_api_round_trip(h: &Host, pod: &Pod, cid: &str) -> (Duration, Duration) {
     let vf = &h.vfs[0];
-    let mut s = Series::default();
+    let att = v1::Attachment {
+        container_id: cid.into(),
+        ifname: "net1".into(),
+        pod_uid: format!("uid-{cid}"),
+        pod_namespace: "e2e".into(),
+        pod_name: cid.into(),
+    };
     h.rt.block_on(async {
-        for i in 0..n {
-            let att = v1::Attachment {
-                container_id: format!("b{i}"),
-                ifname: "net1".into(),
-                pod_uid: format!("uid-b{i}"),
-                pod_namespace: "e2e".into(),
-                pod_name: format!("b{i}"),
-            };
-            let t = Instant::now();
-            h.client()
-                .await
-                .add(v1::AddRequest {
-                    attachment: Some(att.clone()),
-                    netns: pod.path.clone(),
-                    network: NETWORK.into(),
-                    device_id: vf.pci.clone(),
-                    pool: String::new(),
-                    config: Some(v1::VfConfig::default()),
-                    ips: vec![],
-                    routes: vec![],
-                })
-                .await
-                .expect("Add");
-            s.add.push(t.elapsed());
-            let t = Instant::now();
-            h.client()
-                .await
-                .del(v1::DelRequest {
-                    attachment: Some(att),
-                    netns: pod.path.clone(),
-                    network: NETWORK.into(),
-                    device_id: vf.pci.clone(),
-                })
-                .await
-                .expect("Del");
-            s.del.push(t.elapsed());
-        }
-    });
-    s.sorted()
+        let t = Instant::now();
+        h.client()
+            .await
+            .add(v1::AddRequest {
+                attachment: Some(att.clone()),
+                netns: pod.path.clone(),
+                network: NETWORK.into(),
+                device_id: vf.pci.clone(),
+                pool: String::new(),
+                config: Some(v1::VfConfig::default()),
+                ips: vec![],
+                routes: vec![],
+            })
+            .await
+            .expect("Add");
+        let add = t.elapsed();
+        let t = Instant::now();
+        h.client()
+            .await
+            .del(v1::DelRequest {
+                attachment: Some(att),
+                netns: pod.path.clone(),
+                network: NETWORK.into(),
+                device_id: vf.pci.clone(),
+            })
+            .await
+            .expect("Del");
+        (add, t.elapsed())
+    })
 }
 
 /// (c): `cmd` for every VF at once, one thread per VF; (per-call times, errors, wall).
@@ -161,10 +152,28 @@ fn main() {
     let ipam = h.conf(json!({"deviceID": h.vfs[0].pci}));
     let no_ipam = h.conf_no_ipam(json!({"deviceID": h.vfs[0].pci}));
     // Warm-up: page cache, first ledger writes.
-    shim_round_trips(&h, &pod, &no_ipam, 3);
-    let a_ipam = shim_round_trips(&h, &pod, &ipam, n);
-    let a = shim_round_trips(&h, &pod, &no_ipam, n);
-    let b = node_api_round_trips(&h, &pod, n);
+    for i in 0..3 {
+        shim_round_trip(&h, &pod, &no_ipam, &format!("w{i}"));
+    }
+    // Interleaved, so the shared machine's load drifts hit all three series alike.
+    let (mut a_ipam, mut a, mut b) = (Series::default(), Series::default(), Series::default());
+    for i in 0..n {
+        for (s, t) in [
+            (
+                &mut a_ipam,
+                shim_round_trip(&h, &pod, &ipam, &format!("i{i}")),
+            ),
+            (
+                &mut a,
+                shim_round_trip(&h, &pod, &no_ipam, &format!("a{i}")),
+            ),
+            (&mut b, node_api_round_trip(&h, &pod, &format!("b{i}"))),
+        ] {
+            s.add.push(t.0);
+            s.del.push(t.1);
+        }
+    }
+    let (a_ipam, a, b) = (a_ipam.sorted(), a.sorted(), b.sorted());
     h.assert_all_free();
     drop(h);
 

@@ -185,17 +185,23 @@ impl std::fmt::Debug for Host {
     }
 }
 
-/// The vfplugd binary next to `vfplug` (same target dir); built with cargo if missing.
+/// The vfplugd binary next to `vfplug` (same target dir); built with cargo if missing or too
+/// old to have `--vf-netlink`. `VFPLUGD_BIN` overrides.
 pub fn vfplugd_bin(vfplug: &Path) -> PathBuf {
     if let Some(p) = std::env::var_os("VFPLUGD_BIN") {
         return PathBuf::from(p);
     }
     let dir = vfplug.parent().expect("target dir");
     let bin = dir.join("vfplugd");
-    if !bin.exists() {
+    // A vfplugd built before it had the flags used here is as good as missing.
+    let usable = Command::new(&bin)
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--vf-netlink"));
+    if !usable {
         let release = dir.file_name().is_some_and(|n| n == "release");
         eprintln!(
-            "vfplugd not found at {}: building it (cargo build -p vfplugd --bin vfplugd{})",
+            "vfplugd missing or outdated at {}: building it (cargo build -p vfplugd --bin vfplugd{})",
             bin.display(),
             if release { " --release" } else { "" }
         );
