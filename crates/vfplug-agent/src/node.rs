@@ -841,6 +841,11 @@ impl NodeService {
     async fn check(&self, req: v1::CheckRequest) -> Result<v1::CheckResponse, NodeError> {
         let att = check_attachment(req.attachment.as_ref())?;
         let want = vf_config(req.config.as_ref())?;
+        // The prevResult's addresses, as well as those recorded at ADD, must be on the interface.
+        let prev_ips: Vec<String> = parse_ips(&req.ips)?
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let failed = |m: String| NodeError::new(CniCode::CheckFailed, m);
         let (pci, state, pf, vf_index) = {
             let st = lock(&self.shared.state);
@@ -919,7 +924,9 @@ impl NodeService {
                             }
                             let have: BTreeSet<String> =
                                 l.addresses.iter().map(ToString::to_string).collect();
-                            for ip in &cni.ips {
+                            let mut wanted: Vec<&String> = cni.ips.iter().collect();
+                            wanted.extend(prev_ips.iter().filter(|i| !cni.ips.contains(i)));
+                            for ip in wanted {
                                 if !have.contains(ip) {
                                     problems
                                         .push(format!("{}: address {ip} is missing", p.pod_ifname));

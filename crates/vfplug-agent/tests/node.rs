@@ -491,6 +491,26 @@ async fn check_notices_drift() {
         n.check("zz", "net1", full_config()).await.unwrap_err().0,
         103
     );
+    // A prevResult address that is not on the interface.
+    let e = n
+        .client
+        .check(v1::CheckRequest {
+            attachment: Some(att("c1", "net1")),
+            config: Some(full_config()),
+            ips: vec![v1::IpConfig {
+                address: "10.9.0.77/24".into(),
+                gateway: String::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&e).0, 103);
+    assert!(
+        e.message().contains("10.9.0.77/24 is missing"),
+        "{}",
+        e.message()
+    );
     // The interface vanished from the pod.
     n.pf.put("ens1f0", 1, {
         let mut s = n.pf_settings(1);
@@ -768,4 +788,33 @@ async fn the_pod_kubelet_allocated_a_vf_to_claims_it_and_gets_it_back_to_kubelet
     assert!(n.del("sandbox-web", "net1", "").await.released);
     // Back to kubelet's accounting, not to the free pool.
     assert_eq!(n.state_of(&dev).await.state, "kubelet_allocated");
+}
+
+/// vfplugd's own share of an ADD + DEL: ledger writes (synced), gRPC over the unix socket and
+/// the per-VF/per-PF locking, with the PF and netdevs simulated (no kernel netlink). Prints
+/// figures; asserts only that every call succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn figures_add_del_round_trip_without_kernel_work() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("bench");
+    let dev = n.vfs[0].clone();
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        let t = std::time::Instant::now();
+        n.add(add_req("bench", &ns, &dev, full_config()))
+            .await
+            .unwrap();
+        add.push(t.elapsed());
+        let t = std::time::Instant::now();
+        assert!(n.del("bench", "net1", "").await.released);
+        del.push(t.elapsed());
+    }
+    for (what, v) in [("Add", &mut add), ("Del", &mut del)] {
+        v.sort();
+        eprintln!(
+            "FIGURE node API {what} without kernel work (simulated PF and netdevs, n=200): p50 {:?} p99 {:?}",
+            v[v.len() / 2],
+            v[v.len() * 99 / 100]
+        );
+    }
 }
