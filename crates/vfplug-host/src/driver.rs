@@ -85,7 +85,7 @@ impl SysfsDriverBinder<RealWriter> {
 }
 
 impl<W: SysfsWriter> SysfsDriverBinder<W> {
-    /// A binder with a custom writer (tests: [`crate::fixture::FixtureKernel`]).
+    /// A binder with a custom writer (tests: `fixture::FixtureKernel`, with the `fixture` feature).
     pub fn with_writer(root: PathBuf, writer: W) -> Self {
         Self { root, writer }
     }

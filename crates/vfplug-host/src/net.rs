@@ -3,8 +3,8 @@
 //! Two traits, each with a real implementation over rtnetlink and an in-memory one:
 //! - [`VfNetlink`]: read one VF's settings from its PF (`IFLA_VFINFO_LIST`) and change one knob
 //!   at a time (`ip link set <pf> vf N ...`). One knob per call, so a driver that refuses one
-//!   (EOPNOTSUPP, e.g. igb's link state) is told apart from the others. [`apply_vf_config`]
-//!   and [`restore_vf_config`] sequence the knobs, retry transient errors a bounded number of
+//!   (EOPNOTSUPP, e.g. igb's link state) is told apart from the others. [`apply_vf_config`](crate::vfset::apply_vf_config)
+//!   and [`restore_vf_config`](crate::vfset::restore_vf_config) sequence the knobs, retry transient errors a bounded number of
 //!   times, and undo a half-applied change.
 //! - [`NetdevOps`]: move a VF's netdev into a pod's netns under `CNI_IFNAME` (MAC, MTU, up,
 //!   addresses, routes; altnames removed so they cannot collide) and bring it back under its
