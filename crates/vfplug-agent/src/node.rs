@@ -252,6 +252,25 @@ fn mode_of(pool: &PoolConfig) -> AttachMode {
     }
 }
 
+/// Whether `state` is a completed ADD of the same request (same VF if one is named, same
+/// settings, same netns): a repeat is answered from the ledger.
+fn is_repeat(
+    state: &VfState,
+    pci: PciAddress,
+    device: Option<PciAddress>,
+    cfg: &VfConfig,
+    netns: &str,
+) -> bool {
+    let VfState::Configured { lease } = state else {
+        return false;
+    };
+    device.is_none_or(|d| d == pci)
+        && lease
+            .cni
+            .as_deref()
+            .is_some_and(|c| c.config == *cfg && c.netns == netns)
+}
+
 fn lease_token(s: &VfState) -> Option<Token> {
     s.effective_lease().map(|l| l.token)
 }
@@ -329,6 +348,7 @@ impl NodeService {
             warnings: cni.skipped.clone(),
             token: lease.token,
             pool: f.resource,
+            ipam_result: cni.ipam_result.clone(),
         })
     }
 
@@ -352,14 +372,7 @@ impl NodeService {
                 .map(|(pci, s)| (pci, s.clone()))
         };
         if let Some((pci, state)) = earlier {
-            let same_device = device.is_none_or(|d| d == pci);
-            if let VfState::Configured { lease } = &state
-                && same_device
-                && lease
-                    .cni
-                    .as_deref()
-                    .is_some_and(|c| c.config == cfg && c.netns == req.netns)
-            {
+            if is_repeat(&state, pci, device, &cfg, &req.netns) {
                 info!(%pci, attachment = %owner, "repeated ADD: returning the first result");
                 return self.response(pci, true);
             }
@@ -417,6 +430,32 @@ impl NodeService {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// What `add` would answer for a repeat; changes nothing.
+    fn lookup(&self, req: &v1::AddRequest) -> Result<v1::AddResponse, NodeError> {
+        let att = check_attachment(req.attachment.as_ref())?;
+        let cfg = vf_config(req.config.as_ref())?;
+        let device: Option<PciAddress> = if req.device_id.is_empty() {
+            None
+        } else {
+            Some(req.device_id.parse().map_err(|e| bad("deviceID", e))?)
+        };
+        let found = {
+            let st = lock(&self.shared.state);
+            st.ledger
+                .find_by_attachment(&att.container_id, &att.ifname)
+                .map(|(pci, s)| (pci, s.clone()))
+        };
+        match found {
+            Some((pci, state)) if is_repeat(&state, pci, device, &cfg, &req.netns) => {
+                self.response(pci, true)
+            }
+            _ => Err(NodeError::new(
+                CniCode::UnknownContainer,
+                "no completed ADD of this attachment with this config",
+            )),
         }
     }
 
@@ -546,6 +585,7 @@ impl NodeService {
             skipped: Vec::new(),
             netdev: placement.clone(),
             ips: ips.iter().map(ToString::to_string).collect(),
+            ipam_result: req.ipam_result.clone(),
         };
         // Write-ahead: everything needed to undo is durable before anything changes.
         self.commit_one(|st| {
@@ -1127,6 +1167,13 @@ fn net_error(default: CniCode, e: &NetError) -> NodeError {
 impl v1::node_server::Node for NodeService {
     async fn add(&self, r: Request<v1::AddRequest>) -> Result<Response<v1::AddResponse>, Status> {
         Ok(Response::new(NodeService::add(self, r.into_inner()).await?))
+    }
+
+    async fn lookup(
+        &self,
+        r: Request<v1::AddRequest>,
+    ) -> Result<Response<v1::AddResponse>, Status> {
+        Ok(Response::new(NodeService::lookup(self, r.get_ref())?))
     }
 
     async fn del(&self, r: Request<v1::DelRequest>) -> Result<Response<v1::DelResponse>, Status> {

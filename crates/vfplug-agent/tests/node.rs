@@ -253,6 +253,7 @@ fn add_req(cid: &str, netns: &Path, device: &str, cfg: v1::VfConfig) -> v1::AddR
             dst: "0.0.0.0/0".into(),
             gw: String::new(),
         }],
+        ipam_result: String::new(),
     }
 }
 
@@ -817,4 +818,35 @@ async fn figures_add_del_round_trip_without_kernel_work() {
             v[v.len() * 99 / 100]
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_answers_a_repeat_from_the_ledger_and_changes_nothing() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let ns = n.netns("pod");
+    let mut req = add_req("c1", &ns, &n.vfs[1].clone(), full_config());
+    req.ipam_result = r#"{"cniVersion":"1.1.0","ips":[{"address":"10.9.0.5/24"}]}"#.into();
+    let e = n.client.lookup(req.clone()).await.unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&e).0, 3, "{}", e.message());
+    assert_eq!(n.state_of(&n.vfs[1].clone()).await.state, "free");
+
+    let first = n.add(req.clone()).await.unwrap();
+    let calls = n.pf.log().len();
+    let again = n.client.lookup(req.clone()).await.unwrap().into_inner();
+    assert!(again.existing);
+    assert_eq!(
+        (again.pci_address.clone(), again.token),
+        (first.pci_address, first.token)
+    );
+    assert_eq!(
+        again.ipam_result, req.ipam_result,
+        "the IPAM result is kept with the attachment"
+    );
+    assert_eq!(n.pf.log().len(), calls);
+    // Another config for the same attachment is not a repeat.
+    let mut other = req.clone();
+    other.config.as_mut().unwrap().vlan = Some(7);
+    let e = n.client.lookup(other).await.unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&e).0, 3);
+    assert_eq!(n.state_of(&n.vfs[1].clone()).await.state, "configured");
 }

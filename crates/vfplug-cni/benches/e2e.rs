@@ -89,6 +89,7 @@ fn node_api_round_trip(h: &Host, pod: &Pod, cid: &str) -> (Duration, Duration) {
                 config: Some(v1::VfConfig::default()),
                 ips: vec![],
                 routes: vec![],
+                ipam_result: String::new(),
             })
             .await
             .expect("Add");

@@ -72,6 +72,7 @@ pub fn add_request(inv: &Invocation, ipam: Option<&CniResult>) -> Result<v1::Add
                     .collect()
             })
             .unwrap_or_default(),
+        ipam_result: String::new(),
     })
 }
 

@@ -82,6 +82,13 @@ impl NodeApi {
         self.call("Add", c.add(r)).await
     }
 
+    /// `Node.Lookup`: vfplugd's answer for a repeat of a completed ADD, if this is one.
+    pub async fn lookup(&mut self, req: v1::AddRequest) -> Result<v1::AddResponse, CniError> {
+        let r = self.request(req);
+        let mut c = self.client.clone();
+        self.call("Lookup", c.lookup(r)).await
+    }
+
     /// `Node.Del`.
     pub async fn del(&mut self, req: v1::DelRequest) -> Result<v1::DelResponse, CniError> {
         let r = self.request(req);

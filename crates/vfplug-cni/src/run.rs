@@ -12,7 +12,7 @@
 //!   error is returned.
 
 use tracing::{debug, info, warn};
-use vfplug_api::CniCode;
+use vfplug_api::{CniCode, v1};
 
 use crate::devinfo::DeviceInfo;
 use crate::env::Command;
@@ -21,6 +21,7 @@ use crate::invocation::Invocation;
 use crate::ipam::{self, Delegate};
 use crate::mapping;
 use crate::node::NodeApi;
+use crate::result::CniResult;
 use crate::version::VersionInfo;
 
 /// VERSION's output. Needs no config, no runtime and no socket.
@@ -73,11 +74,41 @@ async fn connect(inv: &Invocation, unreachable: CniCode) -> Result<NodeApi, CniE
 async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String, CniError> {
     let conf = inv.conf()?;
     let mut node = connect(inv, CniCode::TryAgainLater).await?;
+    // A repeat of a completed ADD is answered from vfplugd's ledger, with the IPAM result kept
+    // there: the IPAM plugin is not asked again (host-local refuses a second allocation).
+    match node.lookup(mapping::add_request(inv, None)?).await {
+        Ok(resp) if resp.existing => {
+            let ipam: Option<CniResult> = if resp.ipam_result.is_empty() {
+                None
+            } else {
+                Some(serde_json::from_str(&resp.ipam_result).map_err(|e| {
+                    CniError::new(
+                        CniCode::Internal,
+                        format!("vfplugd's stored IPAM result does not decode: {e}"),
+                    )
+                })?)
+            };
+            info!(pci = %resp.pci_address, "repeated ADD: answered from vfplugd's ledger");
+            return finish_add(inv, &resp, ipam.as_ref());
+        }
+        Ok(_) => {}
+        Err(e) if e.code == CniCode::TryAgainLater.code() => return Err(e),
+        // Not a repeat (3), or a vfplugd without Lookup: do the ADD.
+        Err(e) => debug!(code = e.code, msg = %e.msg, "not a repeated ADD"),
+    }
     let ipam_result = match delegate {
         Some(d) => Some(d.add().await?),
         None => None,
     };
-    let req = mapping::add_request(inv, ipam_result.as_ref())?;
+    let mut req = mapping::add_request(inv, ipam_result.as_ref())?;
+    if let Some(r) = &ipam_result {
+        req.ipam_result = serde_json::to_string(r).map_err(|e| {
+            CniError::new(
+                CniCode::Internal,
+                format!("cannot encode the IPAM result: {e}"),
+            )
+        })?;
+    }
     debug!(?req, "Node.Add");
     let resp = match node.add(req).await {
         Ok(r) => r,
@@ -97,6 +128,16 @@ async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String
         pci = %resp.pci_address, mode = %resp.mode, existing = resp.existing, token = resp.token,
         "attached {} ({}) to {}", inv.env.ifname, inv.env.container_id, conf.name
     );
+    finish_add(inv, &resp, ipam_result.as_ref())
+}
+
+/// Writes the device-info file if asked and prints the result.
+fn finish_add(
+    inv: &Invocation,
+    resp: &v1::AddResponse,
+    ipam_result: Option<&CniResult>,
+) -> Result<String, CniError> {
+    let conf = inv.conf()?;
     if let Some(path) = &conf.runtime_config.device_info_file
         && !resp.pci_address.is_empty()
     {
@@ -106,7 +147,7 @@ async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String
             warn!(path = %path.display(), "cannot write the device-info file: {e}");
         }
     }
-    let result = mapping::add_result(inv, &resp, ipam_result.as_ref());
+    let result = mapping::add_result(inv, resp, ipam_result);
     serde_json::to_string(&result)
         .map_err(|e| CniError::new(CniCode::Internal, format!("cannot encode the result: {e}")))
 }

@@ -176,6 +176,19 @@ impl node_server::Node for Svc {
         self.record(Call::List).await;
         Ok(Response::new(v1::ListResponse::default()))
     }
+
+    /// The fake never remembers an earlier ADD: every ADD is a first one. Not recorded, so the
+    /// call lists tests inspect are those that act.
+    async fn lookup(
+        &self,
+        _r: Request<v1::AddRequest>,
+    ) -> Result<Response<v1::AddResponse>, Status> {
+        Err(vfplug_api::status(
+            vfplug_api::CniCode::UnknownContainer,
+            "no completed ADD of this attachment (fake node)",
+            "",
+        ))
+    }
 }
 
 /// A node API server on `<dir>/vfplugd.sock`, serving until dropped.
@@ -273,6 +286,7 @@ impl FakeNode {
             existing: false,
             warnings: vec![],
             token: 7,
+            ipam_result: req.ipam_result.clone(),
             pool: if req.pool.is_empty() {
                 "sriov_a".into()
             } else {

@@ -550,6 +550,7 @@ fn add_response() -> v1::AddResponse {
         warnings: vec![],
         token: 3,
         pool: "sriov_a".into(),
+        ipam_result: String::new(),
     }
 }
 

@@ -322,6 +322,10 @@ pub struct CniAttachment {
     /// Addresses applied in the pod (CIDR strings, from IPAM), for CHECK.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<String>,
+    /// The delegated IPAM plugin's result (JSON, opaque to vfplugd), so that a repeated ADD is
+    /// answered without allocating again.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipam_result: String,
 }
 
 #[cfg(test)]
