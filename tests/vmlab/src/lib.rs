@@ -6,6 +6,7 @@
 //!   [`lab::gate`] that runs, skips loudly, or fails a tier (`VMLAB_TIER`, `VMLAB_REQUIRE`);
 //! * [`cpio`] and [`guest`]: the guests' initramfs images, built at run time;
 //! * [`vm`]: starting QEMU ([`vm::VmConfig`], [`vm::Vm`]) and waiting for serial-console lines;
+//! * [`l1`]: booting the sriov tiers' L1 guest with the guest agent and collecting its report;
 //! * [`qmp`]: connecting vfplug-qmp to a just-started QEMU (retries until the socket answers);
 //! * [`sriov`]: the sysfs steps the guest agent runs in L1 (VFs, `driver_override` binding);
 //! * [`timing`]: the figures the tiers measure and print.
@@ -16,6 +17,7 @@
 pub mod agent;
 pub mod cpio;
 pub mod guest;
+pub mod l1;
 pub mod lab;
 pub mod qmp;
 pub mod sriov;

@@ -4,103 +4,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vfplug_vmlab::agent::AGENT_PREFIX;
-use vfplug_vmlab::guest::{self, L1_PREFIX, TAG_LAB, TAG_USR};
+use vfplug_vmlab::l1::{self, L1Run};
 use vfplug_vmlab::lab::{Gate, Lab, Tier, gate};
 use vfplug_vmlab::timing::Figures;
-use vfplug_vmlab::vm::{Virtfs, Vm, VmConfig};
-
-/// L1 as in `sriov_tier.rs`: q35 + VT-d + an igb PF, host /usr read-only, the run dir as /lab.
-fn l1_config(lab: &Lab, run: &Path, initrd: &Path) -> VmConfig {
-    VmConfig {
-        memory_mb: 1024,
-        smp: 2,
-        intel_iommu: true,
-        no_reboot: true,
-        kernel: Some(lab.kernel.clone()),
-        initrd: Some(initrd.to_path_buf()),
-        append: "intel_iommu=on iommu=pt no_timer_check".into(),
-        virtfs: vec![
-            Virtfs {
-                path: "/usr".into(),
-                tag: TAG_USR.into(),
-                readonly: true,
-            },
-            Virtfs {
-                path: run.to_path_buf(),
-                tag: TAG_LAB.into(),
-                readonly: false,
-            },
-        ],
-        extra: [
-            "-netdev",
-            "user,id=pfnet",
-            "-device",
-            "igb,bus=rp1,netdev=pfnet,id=pf0",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..VmConfig::default()
-    }
-}
 
 /// Boots L1 with the agent in `vfconfig` mode; returns its report lines and the figures.
 async fn run_vfconfig(lab: &Lab) -> (Vec<String>, Figures) {
     let run = tempfile::tempdir().expect("run dir");
     let vmdir = tempfile::tempdir().expect("vm dir");
-    let agent = env!("CARGO_BIN_EXE_vmlab-guest-agent");
-    std::fs::copy(agent, run.path().join("vmlab-guest-agent")).expect("copy agent");
-    let script = format!(
-        "echo \"{AGENT_PREFIX} START $(uname -r)\"\n\
-         exec /lab/vmlab-guest-agent --numvfs 2 --phases vfconfig --workdir /tmp/vmlab-l2\n"
-    );
-    std::fs::write(run.path().join("run.sh"), script).expect("write run.sh");
-    let initrd = vmdir.path().join("l1.cpio");
-    std::fs::write(&initrd, guest::l1_guest(lab).expect("L1 image")).expect("write L1 image");
-
-    let mut f = Figures::default();
-    let t0 = Instant::now();
-    let mut vm =
-        Vm::spawn(lab, &l1_config(lab, run.path(), &initrd), vmdir.path()).expect("spawn L1");
-    let ready = format!("{L1_PREFIX} READY");
-    vm.wait_serial("L1 READY", Duration::from_secs(180), |l| {
-        l.starts_with(&ready)
-    })
-    .await
-    .expect("L1 boots");
-    f.record("sriov.l1_boot_to_ready", t0.elapsed());
-    let exit = format!("{L1_PREFIX} EXIT");
-    let done = vm
-        .wait_serial("L1 agent finished", Duration::from_secs(300), |l| {
-            l.starts_with(&exit)
-        })
-        .await;
-    f.record("vfcfg.l1_total", t0.elapsed());
-    if let Err(e) = done {
-        panic!("L1 run did not finish: {e}");
-    }
-    let lines: Vec<String> = vm
-        .serial_text()
-        .lines()
-        .filter(|l| l.starts_with(AGENT_PREFIX))
-        .map(String::from)
-        .collect();
-    for l in &lines {
-        println!("{l}");
-        if let Some(rest) = l.strip_prefix(&format!("{AGENT_PREFIX} FIGURE ")) {
-            let mut it = rest.split_whitespace();
-            if let (Some(name), Some(ms)) = (it.next(), it.next().and_then(|v| v.parse().ok())) {
-                f.record_ms(name, ms);
-            }
-        }
-    }
-    if vm.wait_exit(Duration::from_secs(30)).await.is_err() {
-        vm.kill().await;
-    }
-    (lines, f)
+    let r = L1Run {
+        agent: env!("CARGO_BIN_EXE_vmlab-guest-agent").into(),
+        agent_args: "--numvfs 2 --phases vfconfig --workdir /tmp/vmlab-l2".into(),
+        stage_l2: false,
+        memory_mb: 1024,
+        budget: Duration::from_secs(300),
+        total_figure: "vfcfg.l1_total",
+    };
+    l1::run_l1(lab, run.path(), vmdir.path(), &r)
+        .await
+        .unwrap_or_else(|e| panic!("L1 run did not finish: {e}"))
 }
 
 /// The detail of step `step`'s PASS line; fails the test (with the whole report) if absent.

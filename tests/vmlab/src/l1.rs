@@ -1,0 +1,143 @@
+//! Running the sriov tiers' L1 guest: q35 + emulated VT-d + an `igb` PF, the host's /usr shared
+//! read-only and a run directory shared as /lab, with `vmlab-guest-agent` started by `run.sh`.
+//! [`run_l1`] stages the run directory, boots L1, waits for the agent to finish and returns the
+//! agent's report lines and figures; each tier test then asserts on the lines.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::LabError;
+use crate::agent::AGENT_PREFIX;
+use crate::guest::{self, L1_PREFIX, TAG_LAB, TAG_USR};
+use crate::lab::Lab;
+use crate::timing::Figures;
+use crate::vm::{Virtfs, Vm, VmConfig};
+
+/// The L1 VM: the lab's run directory shared as `lab`, the host's /usr read-only as `usr`.
+pub fn l1_config(lab: &Lab, run: &Path, initrd: &Path, memory_mb: u32) -> VmConfig {
+    VmConfig {
+        memory_mb,
+        smp: 2,
+        intel_iommu: true,
+        no_reboot: true,
+        kernel: Some(lab.kernel.clone()),
+        initrd: Some(initrd.to_path_buf()),
+        // no_timer_check: under load, TCG can miss the early IO-APIC timer check, which with
+        // interrupt remapping panics ("timer doesn't work through Interrupt-remapped IO-APIC").
+        append: "intel_iommu=on iommu=pt no_timer_check".into(),
+        virtfs: vec![
+            Virtfs {
+                path: "/usr".into(),
+                tag: TAG_USR.into(),
+                readonly: true,
+            },
+            Virtfs {
+                path: run.to_path_buf(),
+                tag: TAG_LAB.into(),
+                readonly: false,
+            },
+        ],
+        extra: [
+            "-netdev",
+            "user,id=pfnet",
+            "-device",
+            "igb,bus=rp1,netdev=pfnet,id=pf0",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..VmConfig::default()
+    }
+}
+
+/// One L1 run.
+#[derive(Debug, Clone)]
+pub struct L1Run {
+    /// The host-built `vmlab-guest-agent` binary (tests pass `env!("CARGO_BIN_EXE_...")`).
+    pub agent: PathBuf,
+    /// The agent's arguments (e.g. `--numvfs 2 --phases vfconfig --workdir /tmp/vmlab-l2`).
+    pub agent_args: String,
+    /// Also stage L2's kernel (`/lab/vmlinuz`) and initramfs (`/lab/l2.cpio`).
+    pub stage_l2: bool,
+    /// L1's memory.
+    pub memory_mb: u32,
+    /// How long the agent may take after L1 is up.
+    pub budget: Duration,
+    /// Name of the figure recording the whole run.
+    pub total_figure: &'static str,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+    move |source| LabError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Stages `run_dir` (seen by L1 as /lab), boots L1 with its files in `vm_dir`, and returns the
+/// agent's report lines (`AGENT_PREFIX ...`) once the agent has finished, with the figures it
+/// printed plus L1's boot and total times. QEMU is killed if it does not power off.
+pub async fn run_l1(
+    lab: &Lab,
+    run_dir: &Path,
+    vm_dir: &Path,
+    r: &L1Run,
+) -> Result<(Vec<String>, Figures), LabError> {
+    let staged = run_dir.join("vmlab-guest-agent");
+    std::fs::copy(&r.agent, &staged).map_err(io(&staged))?;
+    if r.stage_l2 {
+        let k = run_dir.join("vmlinuz");
+        std::fs::copy(&lab.kernel, &k).map_err(io(&k))?;
+        let l2 = run_dir.join("l2.cpio");
+        std::fs::write(&l2, guest::hotplug_guest(lab)?).map_err(io(&l2))?;
+    }
+    // Runs chrooted in L1 with the host's /usr: the agent is this checkout's build, unchanged.
+    let script = format!(
+        "echo \"{AGENT_PREFIX} START $(uname -r)\"\nexec /lab/vmlab-guest-agent {}\n",
+        r.agent_args
+    );
+    let run_sh = run_dir.join("run.sh");
+    std::fs::write(&run_sh, script).map_err(io(&run_sh))?;
+    let initrd = vm_dir.join("l1.cpio");
+    std::fs::write(&initrd, guest::l1_guest(lab)?).map_err(io(&initrd))?;
+
+    let mut f = Figures::default();
+    let t0 = Instant::now();
+    let cfg = l1_config(lab, run_dir, &initrd, r.memory_mb);
+    let mut vm = Vm::spawn(lab, &cfg, vm_dir)?;
+    let ready = format!("{L1_PREFIX} READY");
+    vm.wait_serial("L1 READY", Duration::from_secs(180), |l| {
+        l.starts_with(&ready)
+    })
+    .await?;
+    f.record("sriov.l1_boot_to_ready", t0.elapsed());
+    let exit = format!("{L1_PREFIX} EXIT");
+    let done = vm
+        .wait_serial("L1 agent finished", r.budget, |l| l.starts_with(&exit))
+        .await;
+    f.record(r.total_figure, t0.elapsed());
+    if let Err(e) = done {
+        vm.kill().await;
+        return Err(e);
+    }
+    let lines: Vec<String> = vm
+        .serial_text()
+        .lines()
+        .filter(|l| l.starts_with(AGENT_PREFIX))
+        .map(String::from)
+        .collect();
+    let figure = format!("{AGENT_PREFIX} FIGURE ");
+    for l in &lines {
+        println!("{l}");
+        if let Some(rest) = l.strip_prefix(&figure) {
+            let mut it = rest.split_whitespace();
+            if let (Some(name), Some(ms)) = (it.next(), it.next().and_then(|v| v.parse().ok())) {
+                f.record_ms(name, ms);
+            }
+        }
+    }
+    // Power-off is QEMU's exit; do not leave it running if it hangs.
+    if vm.wait_exit(Duration::from_secs(30)).await.is_err() {
+        vm.kill().await;
+    }
+    Ok((lines, f))
+}
