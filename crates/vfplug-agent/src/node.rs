@@ -105,6 +105,21 @@ struct VfFacts {
     pool: PoolConfig,
 }
 
+/// The pod fields of an [`v1::Attachment`] from the ledger's pod key (see [`owner_of`]).
+fn owner_attachment(pod: &str) -> v1::Attachment {
+    match pod.split_once('/') {
+        Some((ns, name)) => v1::Attachment {
+            pod_namespace: ns.to_owned(),
+            pod_name: name.to_owned(),
+            ..Default::default()
+        },
+        None => v1::Attachment {
+            pod_uid: pod.to_owned(),
+            ..Default::default()
+        },
+    }
+}
+
 /// The ledger's owner for an attachment. The pod is named `namespace/name` when the runtime
 /// says both (CNI_ARGS K8S_POD_NAMESPACE / K8S_POD_NAME), because that is how PodResources names
 /// the pods of kubelet's allocations, so a VF kubelet gave this pod can be claimed; else by UID.
@@ -115,7 +130,7 @@ fn owner_of(a: &v1::Attachment) -> Owner {
         format!("{}/{}", a.pod_namespace, a.pod_name)
     };
     Owner {
-        pod_uid: pod,
+        pod,
         container_id: a.container_id.clone(),
         ifname: a.ifname.clone(),
     }
@@ -219,15 +234,47 @@ fn resolve_pool<'a>(st: &'a State, name: &str) -> Option<(String, &'a PoolConfig
         .map(|p| (st.config.resource_name(p), p))
 }
 
+/// The `deviceID`, if one is given.
+fn device_of(id: &str) -> Result<Option<PciAddress>, NodeError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    id.parse().map(Some).map_err(|e| bad("deviceID", e))
+}
+
+/// The VFs of a pool that an ADD without deviceID may take: Free in the ledger and healthy as
+/// the device plugin reports them. ADD picks from these and STATUS counts them, so the two can
+/// never disagree.
+fn free_vfs<'a>(
+    st: &'a State,
+    resource: &str,
+    pool: &'a PoolConfig,
+) -> impl Iterator<Item = PciAddress> + 'a {
+    st.members
+        .get(resource)
+        .into_iter()
+        .flatten()
+        .filter_map(|pci| st.inventory.vfs.get(pci))
+        .filter(move |vf| {
+            matches!(st.ledger.get(&vf.pci), None | Some(VfState::Free)) && vf_healthy(st, pool, vf)
+        })
+        .map(|vf| vf.pci)
+}
+
+/// The resource name of the pool a VF is in.
+fn pool_of_vf(st: &State, pci: PciAddress) -> Option<&String> {
+    st.members
+        .iter()
+        .find(|(_, m)| m.contains(&pci))
+        .map(|(r, _)| r)
+}
+
 fn facts(st: &State, pci: PciAddress) -> Result<VfFacts, NodeError> {
     let vf = st.inventory.vfs.get(&pci).ok_or_else(|| {
         NodeError::new(CniCode::NoSuchDevice, format!("no VF {pci} on this node"))
     })?;
-    let (resource, pool) = st
-        .members
-        .iter()
-        .find(|(_, m)| m.contains(&pci))
-        .and_then(|(r, _)| resolve_pool(st, r))
+    let (resource, pool) = pool_of_vf(st, pci)
+        .and_then(|r| resolve_pool(st, r))
         .ok_or_else(|| {
             NodeError::new(
                 CniCode::NoSuchDevice,
@@ -358,11 +405,7 @@ impl NodeService {
         let cfg = vf_config(req.config.as_ref())?;
         let ips = parse_ips(&req.ips)?;
         let routes = parse_routes(&req.routes, &req.ips)?;
-        let device: Option<PciAddress> = if req.device_id.is_empty() {
-            None
-        } else {
-            Some(req.device_id.parse().map_err(|e| bad("deviceID", e))?)
-        };
+        let device = device_of(&req.device_id)?;
 
         // Idempotency: the same attachment again.
         let earlier = {
@@ -437,11 +480,7 @@ impl NodeService {
     fn lookup(&self, req: &v1::AddRequest) -> Result<v1::AddResponse, NodeError> {
         let att = check_attachment(req.attachment.as_ref())?;
         let cfg = vf_config(req.config.as_ref())?;
-        let device: Option<PciAddress> = if req.device_id.is_empty() {
-            None
-        } else {
-            Some(req.device_id.parse().map_err(|e| bad("deviceID", e))?)
-        };
+        let device = device_of(&req.device_id)?;
         let found = {
             let st = lock(&self.shared.state);
             st.ledger
@@ -469,22 +508,12 @@ impl NodeService {
                 format!("pool {pool:?} is not in vfplugd's config"),
             )
         })?;
-        st.members
-            .get(&resource)
-            .into_iter()
-            .flatten()
-            .filter_map(|pci| st.inventory.vfs.get(pci))
-            .find(|vf| {
-                matches!(st.ledger.get(&vf.pci), None | Some(VfState::Free))
-                    && vf_healthy(st, pool_cfg, vf)
-            })
-            .map(|vf| vf.pci)
-            .ok_or_else(|| {
-                NodeError::new(
-                    CniCode::TryAgainLater,
-                    format!("pool {resource} has no free, healthy VF"),
-                )
-            })
+        free_vfs(st, &resource, pool_cfg).next().ok_or_else(|| {
+            NodeError::new(
+                CniCode::TryAgainLater,
+                format!("pool {resource} has no free, healthy VF"),
+            )
+        })
     }
 
     /// Reserved → Configured → settings applied → netdev placed (or vfio checked).
@@ -1005,18 +1034,8 @@ impl NodeService {
     fn status(&self, req: &v1::StatusRequest) -> Result<v1::StatusResponse, NodeError> {
         let ready = *self.ready.borrow();
         let st = lock(&self.shared.state);
-        let count_free = |resource: &str, pool: &PoolConfig| -> u32 {
-            st.members
-                .get(resource)
-                .into_iter()
-                .flatten()
-                .filter_map(|pci| st.inventory.vfs.get(pci))
-                .filter(|vf| {
-                    matches!(st.ledger.get(&vf.pci), None | Some(VfState::Free))
-                        && vf_healthy(&st, pool, vf)
-                })
-                .count() as u32
-        };
+        let count_free =
+            |resource: &str, pool: &PoolConfig| free_vfs(&st, resource, pool).count() as u32;
         let (free, reason) = if req.pool.is_empty() {
             let free = st
                 .config
@@ -1098,15 +1117,16 @@ impl NodeService {
 
     fn list(&self) -> v1::ListResponse {
         let st = lock(&self.shared.state);
+        // VF → pool once, not a scan of every pool per VF.
+        let pools: HashMap<PciAddress, &String> = st
+            .members
+            .iter()
+            .flat_map(|(r, m)| m.iter().map(move |pci| (*pci, r)))
+            .collect();
         let mut vfs = Vec::with_capacity(st.inventory.vfs.len());
         for (pci, vf) in &st.inventory.vfs {
             let state = st.ledger.get(pci);
-            let pool = st
-                .members
-                .iter()
-                .find(|(_, m)| m.contains(pci))
-                .map(|(r, _)| r.clone())
-                .unwrap_or_default();
+            let pool = pools.get(pci).map(|r| (*r).clone()).unwrap_or_default();
             let lease = state.and_then(VfState::effective_lease);
             let cni = lease.and_then(|l| l.cni.as_deref());
             vfs.push(v1::VfEntry {
@@ -1119,8 +1139,7 @@ impl NodeService {
                 owner: lease.map(|l| v1::Attachment {
                     container_id: l.owner.container_id.clone(),
                     ifname: l.owner.ifname.clone(),
-                    pod_uid: l.owner.pod_uid.clone(),
-                    ..Default::default()
+                    ..owner_attachment(&l.owner.pod)
                 }),
                 token: lease.map_or(0, |l| l.token),
                 network: cni.map(|c| c.network.clone()).unwrap_or_default(),

@@ -169,7 +169,9 @@ impl VfNetlink for SimVfNetlink {
                     g.log.push(format!("failed {what}: EINVAL"));
                     return Err(NetError::Kernel {
                         op: op(),
-                        source: std::io::Error::from_raw_os_error(libc_einval()),
+                        source: std::io::Error::from_raw_os_error(
+                            rustix::io::Errno::INVAL.raw_os_error(),
+                        ),
                     });
                 }
                 s.min_tx_rate = min;
@@ -179,10 +181,6 @@ impl VfNetlink for SimVfNetlink {
         g.log.push(what);
         Ok(())
     }
-}
-
-const fn libc_einval() -> i32 {
-    22
 }
 
 /// An in-memory [`NetdevOps`]: named netns (by path) holding links, for in-process tests of
@@ -273,7 +271,7 @@ impl NetdevOps for SimNetdevOps {
             g.fail_place -= 1;
             return Err(NetError::Kernel {
                 op: "set link up (injected)".into(),
-                source: std::io::Error::from_raw_os_error(5),
+                source: std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error()),
             });
         }
         let mut link = g
