@@ -266,7 +266,7 @@ async fn restart_replays_the_ledger_and_vfs_held_by_vfplug_are_unhealthy_and_ref
             Some(VfState::KubeletAllocated { .. })
         ));
         let owner = Owner {
-            pod_uid: "uid-1".into(),
+            pod: "uid-1".into(),
             container_id: "c1".into(),
             ifname: "net1".into(),
         };

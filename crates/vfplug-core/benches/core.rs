@@ -114,7 +114,7 @@ fn main() {
     let t = Instant::now();
     for (n, pci) in addrs.iter().step_by(2).enumerate() {
         let owner = Owner {
-            pod_uid: format!("pod-{n}"),
+            pod: format!("pod-{n}"),
             container_id: format!("c{n}"),
             ifname: "net1".into(),
         };
@@ -129,7 +129,7 @@ fn main() {
     );
     let last_free = *addrs.last().unwrap();
     let newcomer = Owner {
-        pod_uid: "new".into(),
+        pod: "new".into(),
         container_id: "c".into(),
         ifname: "net1".into(),
     };

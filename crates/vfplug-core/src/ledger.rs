@@ -50,8 +50,9 @@ pub type Token = u64;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Owner {
     /// The pod: `namespace/name` when known (as PodResources names kubelet's allocations, so
-    /// the pod can claim the VF kubelet gave it), else its UID.
-    pub pod_uid: String,
+    /// the pod can claim the VF kubelet gave it), else its UID. (Older logs call it `pod_uid`.)
+    #[serde(alias = "pod_uid")]
+    pub pod: String,
     /// CNI container ID (sandbox ID).
     pub container_id: String,
     /// Interface name in the pod (CNI_IFNAME).
@@ -60,7 +61,7 @@ pub struct Owner {
 
 impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.pod_uid, self.container_id, self.ifname)
+        write!(f, "{}/{}/{}", self.pod, self.container_id, self.ifname)
     }
 }
 
@@ -550,7 +551,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
         (KubeletAllocated { pod }, Reserved { lease }) => {
             lease.saved.is_none()
                 && lease.from_kubelet
-                && pod.as_ref().is_none_or(|p| *p == lease.owner.pod_uid)
+                && pod.as_ref().is_none_or(|p| *p == lease.owner.pod)
         }
         (Reserved { lease: a }, Configured { lease: b }) => {
             a.saved.is_none()
@@ -632,7 +633,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
         (Reserved { lease: a } | Configured { lease: a }, Releasing { lease: b }) => a == b,
         (Reserved { lease } | Releasing { lease }, Free) => !lease.from_kubelet,
         (Reserved { lease } | Releasing { lease }, KubeletAllocated { pod }) => {
-            lease.from_kubelet && pod.as_deref() == Some(lease.owner.pod_uid.as_str())
+            lease.from_kubelet && pod.as_deref() == Some(lease.owner.pod.as_str())
         }
         _ => false,
     };
@@ -721,11 +722,11 @@ impl Ledger {
     /// All VFs held by a pod (any container, any interface).
     pub fn find_by_pod<'a>(
         &'a self,
-        pod_uid: &'a str,
+        pod: &'a str,
     ) -> impl Iterator<Item = (PciAddress, &'a VfState)> + 'a {
         self.vfs
             .iter()
-            .filter(move |(_, s)| s.owner().is_some_and(|o| o.pod_uid == pod_uid))
+            .filter(move |(_, s)| s.owner().is_some_and(|o| o.pod == pod))
             .map(|(p, s)| (*p, s))
     }
 
@@ -763,9 +764,7 @@ impl Ledger {
         }
         let from_kubelet = match from {
             VfState::Free => false,
-            VfState::KubeletAllocated { pod }
-                if pod.as_ref().is_none_or(|p| *p == owner.pod_uid) =>
-            {
+            VfState::KubeletAllocated { pod } if pod.as_ref().is_none_or(|p| *p == owner.pod) => {
                 true
             }
             s => {
@@ -975,7 +974,7 @@ impl Ledger {
         let (from, lease) = self.fenced_lease(pci, token)?;
         let to = if lease.from_kubelet {
             VfState::KubeletAllocated {
-                pod: Some(lease.owner.pod_uid.clone()),
+                pod: Some(lease.owner.pod.clone()),
             }
         } else {
             VfState::Free

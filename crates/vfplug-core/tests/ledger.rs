@@ -15,7 +15,7 @@ fn pci(i: u8) -> PciAddress {
 
 fn owner(n: usize) -> Owner {
     Owner {
-        pod_uid: format!("pod-{n}"),
+        pod: format!("pod-{n}"),
         container_id: format!("ctr-{n}"),
         ifname: "net1".into(),
     }
@@ -734,4 +734,14 @@ proptest! {
             prop_assert!(node.tokens_issued.last().is_none_or(|t| *t == node.live.last_token()));
         }
     }
+}
+
+/// Ledgers written before the owner's pod field was renamed (`pod_uid` → `pod`) still replay.
+#[test]
+fn owner_reads_the_old_pod_uid_key() {
+    let old = r#"{"pod_uid":"default/web","container_id":"c1","ifname":"net1"}"#;
+    let o: Owner = serde_json::from_str(old).unwrap();
+    assert_eq!(o.pod, "default/web");
+    let new = serde_json::to_string(&o).unwrap();
+    assert!(new.contains(r#""pod":"default/web""#), "{new}");
 }
