@@ -40,6 +40,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::device::Inventory;
+use crate::ident::{PodRef, VmRef};
 use crate::pci::PciAddress;
 use crate::vfconf::{CniAttachment, VlanProto};
 
@@ -49,10 +50,10 @@ pub type Token = u64;
 /// Who holds a VF: one interface of one container of one pod.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Owner {
-    /// The pod: `namespace/name` when known (as PodResources names kubelet's allocations, so
-    /// the pod can claim the VF kubelet gave it), else its UID. (Older logs call it `pod_uid`.)
+    /// The pod (older logs hold one string, `namespace/name` or a UID, under `pod` or
+    /// `pod_uid`; both still read).
     #[serde(alias = "pod_uid")]
-    pub pod: String,
+    pub pod: PodRef,
     /// CNI container ID (sandbox ID).
     pub container_id: String,
     /// Interface name in the pod (CNI_IFNAME).
@@ -151,6 +152,9 @@ pub enum VfState {
         lease: Lease,
         /// QEMU device id.
         alias: String,
+        /// The VM it goes into, recorded before `device_add` so recovery knows which QEMU to ask.
+        #[serde(default)]
+        vm: VmRef,
     },
     /// In the guest, verified.
     Attached {
@@ -158,8 +162,8 @@ pub enum VfState {
         lease: Lease,
         /// QEMU device id.
         alias: String,
-        /// Which VM (e.g. QMP socket or domain name).
-        vm: String,
+        /// Which VM.
+        vm: VmRef,
     },
     /// `device_del` sent, waiting for `DEVICE_DELETED` (or QEMU exit).
     Detaching {
@@ -167,8 +171,9 @@ pub enum VfState {
         lease: Lease,
         /// QEMU device id.
         alias: String,
-        /// The VM it was attached to (`None` if the attach never completed).
-        vm: Option<String>,
+        /// The VM it was (being) attached to.
+        #[serde(default, deserialize_with = "crate::ident::vm_or_null")]
+        vm: VmRef,
         /// When the first `device_del` was sent, unix ms (from the caller's clock).
         since_ms: u64,
         /// How many `device_del`s were sent.
@@ -300,12 +305,11 @@ pub enum Step {
     Attach {
         /// QEMU device id.
         alias: String,
+        /// The VM it goes into.
+        vm: VmRef,
     },
     /// `Attaching → Attached`: verified in the guest.
-    Attached {
-        /// Which VM.
-        vm: String,
-    },
+    Attached,
     /// `Attaching → Configured`: `device_add` failed, nothing in the guest.
     AttachFailed,
     /// `Attaching | Attached → Detaching`: about to `device_del`.
@@ -328,7 +332,7 @@ impl Step {
         match self {
             Self::Configure { .. } => "configure",
             Self::Attach { .. } => "attach",
-            Self::Attached { .. } => "mark attached",
+            Self::Attached => "mark attached",
             Self::AttachFailed => "roll back attach",
             Self::Detach { .. } => "detach",
             Self::DetachRetry => "retry detach",
@@ -528,6 +532,12 @@ impl TryFrom<LedgerSnapshot> for Ledger {
     }
 }
 
+/// The key a claimed kubelet VF returns to kubelet's accounting under: `namespace/name` as
+/// PodResources says it, or the UID for a pod known only by UID (older ledgers).
+fn kubelet_key(pod: &PodRef) -> Option<String> {
+    pod.key().or_else(|| (!pod.uid.is_empty()).then(|| pod.uid.clone()))
+}
+
 fn illegal(pci: PciAddress, reason: impl Into<String>) -> LedgerError {
     LedgerError::Illegal {
         pci,
@@ -551,7 +561,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
         (KubeletAllocated { pod }, Reserved { lease }) => {
             lease.saved.is_none()
                 && lease.from_kubelet
-                && pod.as_ref().is_none_or(|p| *p == lease.owner.pod)
+                && pod.as_ref().is_none_or(|p| lease.owner.pod.is_key(p))
         }
         (Reserved { lease: a }, Configured { lease: b }) => {
             a.saved.is_none()
@@ -570,24 +580,25 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
         }
         (Configured { lease: a }, Attaching { lease: b, .. }) => a == b,
         (
-            Attaching { lease: a, alias: x },
-            Attached {
-                lease: b, alias: y, ..
+            Attaching {
+                lease: a,
+                alias: x,
+                vm: v,
             },
-        ) => a == b && x == y,
-        (Attaching { lease: a, .. }, Configured { lease: b }) => a == b,
-        (
-            Attaching { lease: a, alias: x },
-            Detaching {
+            Attached {
                 lease: b,
                 alias: y,
-                vm: None,
-                attempts: 1,
-                ..
+                vm: w,
             },
-        ) => a == b && x == y,
+        ) => a == b && x == y && v == w,
+        (Attaching { lease: a, .. }, Configured { lease: b }) => a == b,
         (
-            Attached {
+            Attaching {
+                lease: a,
+                alias: x,
+                vm: v,
+            }
+            | Attached {
                 lease: a,
                 alias: x,
                 vm: v,
@@ -595,7 +606,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
             Detaching {
                 lease: b,
                 alias: y,
-                vm: Some(w),
+                vm: w,
                 attempts: 1,
                 ..
             },
@@ -620,7 +631,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
             Detaching {
                 lease: a,
                 alias: x,
-                vm: Some(v),
+                vm: v,
                 ..
             },
             Attached {
@@ -633,7 +644,10 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
         (Reserved { lease: a } | Configured { lease: a }, Releasing { lease: b }) => a == b,
         (Reserved { lease } | Releasing { lease }, Free) => !lease.from_kubelet,
         (Reserved { lease } | Releasing { lease }, KubeletAllocated { pod }) => {
-            lease.from_kubelet && pod.as_deref() == Some(lease.owner.pod.as_str())
+            lease.from_kubelet
+                && pod
+                    .as_deref()
+                    .is_some_and(|p| Some(p) == kubelet_key(&lease.owner.pod).as_deref())
         }
         _ => false,
     };
@@ -722,11 +736,11 @@ impl Ledger {
     /// All VFs held by a pod (any container, any interface).
     pub fn find_by_pod<'a>(
         &'a self,
-        pod: &'a str,
+        pod: &'a PodRef,
     ) -> impl Iterator<Item = (PciAddress, &'a VfState)> + 'a {
         self.vfs
             .iter()
-            .filter(move |(_, s)| s.owner().is_some_and(|o| o.pod == pod))
+            .filter(move |(_, s)| s.owner().is_some_and(|o| o.pod.same_pod(pod)))
             .map(|(p, s)| (*p, s))
     }
 
@@ -764,7 +778,7 @@ impl Ledger {
         }
         let from_kubelet = match from {
             VfState::Free => false,
-            VfState::KubeletAllocated { pod } if pod.as_ref().is_none_or(|p| *p == owner.pod) => {
+            VfState::KubeletAllocated { pod } if pod.as_ref().is_none_or(|p| owner.pod.is_key(p)) => {
                 true
             }
             s => {
@@ -875,30 +889,26 @@ impl Ledger {
                     ..lease
                 },
             },
-            (Configured { .. }, Step::Attach { alias }) => Attaching {
+            (Configured { .. }, Step::Attach { alias, vm }) => Attaching {
                 lease,
                 alias: alias.clone(),
+                vm: vm.clone(),
             },
-            (Attaching { alias, .. }, Step::Attached { vm }) => Attached {
+            (Attaching { alias, vm, .. }, Step::Attached) => Attached {
                 lease,
                 alias: alias.clone(),
                 vm: vm.clone(),
             },
             (Attaching { .. }, Step::AttachFailed) => Configured { lease },
-            (Attaching { alias, .. }, Step::Detach { since_ms }) => Detaching {
-                lease,
-                alias: alias.clone(),
-                vm: None,
-                since_ms: *since_ms,
-                attempts: 1,
-            },
-            (Attached { alias, vm, .. }, Step::Detach { since_ms }) => Detaching {
-                lease,
-                alias: alias.clone(),
-                vm: Some(vm.clone()),
-                since_ms: *since_ms,
-                attempts: 1,
-            },
+            (Attaching { alias, vm, .. } | Attached { alias, vm, .. }, Step::Detach { since_ms }) => {
+                Detaching {
+                    lease,
+                    alias: alias.clone(),
+                    vm: vm.clone(),
+                    since_ms: *since_ms,
+                    attempts: 1,
+                }
+            }
             (
                 Detaching {
                     alias,
@@ -915,14 +925,7 @@ impl Ledger {
                 since_ms: *since_ms,
                 attempts: attempts.checked_add(1).ok_or_else(invalid)?,
             },
-            (
-                Detaching {
-                    alias,
-                    vm: Some(vm),
-                    ..
-                },
-                Step::UnplugFailed,
-            ) => Attached {
+            (Detaching { alias, vm, .. }, Step::UnplugFailed) => Attached {
                 lease,
                 alias: alias.clone(),
                 vm: vm.clone(),
@@ -974,7 +977,7 @@ impl Ledger {
         let (from, lease) = self.fenced_lease(pci, token)?;
         let to = if lease.from_kubelet {
             VfState::KubeletAllocated {
-                pod: Some(lease.owner.pod.clone()),
+                pod: kubelet_key(&lease.owner.pod),
             }
         } else {
             VfState::Free

@@ -13,6 +13,7 @@
 pub mod alloc;
 pub mod config;
 pub mod device;
+pub mod ident;
 pub mod ledger;
 pub mod pci;
 pub mod selector;
@@ -24,6 +25,7 @@ pub use config::{
     PfLinkDown, PoolConfig,
 };
 pub use device::{Inventory, LinkType, PfInfo, VfInfo};
+pub use ident::{PodRef, VmRef};
 pub use ledger::{
     Lease, Ledger, LedgerError, Owner, Record, SavedVfState, StateKind, Step, Token, VfLinkState,
     VfState,

@@ -15,9 +15,16 @@ fn pci(i: u8) -> PciAddress {
 
 fn owner(n: usize) -> Owner {
     Owner {
-        pod: format!("pod-{n}"),
+        pod: format!("pod-{n}").into(),
         container_id: format!("ctr-{n}"),
         ifname: "net1".into(),
+    }
+}
+
+fn vm(name: &str) -> VmRef {
+    VmRef {
+        pod: PodRef::new("ns", name, ""),
+        qmp_socket: format!("/run/{name}.qmp"),
     }
 }
 
@@ -78,11 +85,12 @@ fn full_vm_lifecycle_and_replay() {
             t,
             Step::Attach {
                 alias: "hostdev0".into(),
+                vm: vm("vm-a"),
             },
         )
     });
     commit(&mut l, &mut log, |l| {
-        l.plan_advance(p, t, Step::Attached { vm: "vm-a".into() })
+        l.plan_advance(p, t, Step::Attached)
     });
     assert_eq!(l.get(&p).unwrap().kind(), StateKind::Attached);
     commit(&mut l, &mut log, |l| {
@@ -95,12 +103,12 @@ fn full_vm_lifecycle_and_replay() {
         VfState::Detaching {
             attempts,
             since_ms,
-            vm,
+            vm: vm_ref,
             lease,
             ..
         } => {
             assert_eq!((*attempts, *since_ms), (2, 1000));
-            assert_eq!(vm.as_deref(), Some("vm-a"));
+            assert_eq!(*vm_ref, vm("vm-a"));
             assert_eq!(
                 lease.saved.as_ref(),
                 Some(&saved),
@@ -252,8 +260,11 @@ fn invalid_transitions_are_typed_errors() {
     l.apply_now(l.plan_reserve(p, &owner(1))).unwrap();
     let t = token_of(&l, p);
     for step in [
-        Step::Attach { alias: "a".into() },
-        Step::Attached { vm: "v".into() },
+        Step::Attach {
+            alias: "a".into(),
+            vm: vm("v"),
+        },
+        Step::Attached,
         Step::Detach { since_ms: 0 },
         Step::Detached,
         Step::DetachRetry,
@@ -323,7 +334,7 @@ fn apply_rejects_corrupt_or_reordered_records() {
                 cni: None,
             },
             alias: "x".into(),
-            vm: "v".into(),
+            vm: vm("v"),
         },
     };
     assert!(matches!(
@@ -506,8 +517,9 @@ fn step(n: u8, t: u64) -> Step {
         },
         1 => Step::Attach {
             alias: "hostdev-net1".into(),
+            vm: vm("vm"),
         },
-        2 => Step::Attached { vm: "vm".into() },
+        2 => Step::Attached,
         3 => Step::AttachFailed,
         4 => Step::Detach { since_ms: t },
         5 => Step::DetachRetry,
@@ -736,12 +748,19 @@ proptest! {
     }
 }
 
-/// Ledgers written before the owner's pod field was renamed (`pod_uid` → `pod`) still replay.
+/// Ledgers written before the owner's pod field was renamed (`pod_uid` → `pod`), and before it
+/// was typed (one string), still replay; new records carry the typed form.
 #[test]
 fn owner_reads_the_old_pod_uid_key() {
     let old = r#"{"pod_uid":"default/web","container_id":"c1","ifname":"net1"}"#;
     let o: Owner = serde_json::from_str(old).unwrap();
-    assert_eq!(o.pod, "default/web");
+    assert_eq!(o.pod, PodRef::new("default", "web", ""));
     let new = serde_json::to_string(&o).unwrap();
-    assert!(new.contains(r#""pod":"default/web""#), "{new}");
+    assert!(
+        new.contains(r#""pod":{"namespace":"default","name":"web"}"#),
+        "{new}"
+    );
+    let uid_only: Owner =
+        serde_json::from_str(r#"{"pod":"0c1d-uid","container_id":"c1","ifname":"net1"}"#).unwrap();
+    assert_eq!(uid_only.pod, PodRef::new("", "", "0c1d-uid"));
 }
