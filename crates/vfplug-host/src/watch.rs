@@ -461,10 +461,17 @@ async fn poll_loop(
                     out.push(HostEvent::PciChanged { pci: None });
                 }
                 // Keep the carriers we already track (their change is the carrier poller's to
-                // report); learn new PFs with their current state as baseline.
+                // report); learn new PFs with their current state as baseline, and report that
+                // state once: the consumer scanned before this task first looked, and a carrier
+                // that changed in between would otherwise never be reported.
                 carriers.retain(|k, _| fp.pf_netdevs.contains_key(k));
                 for (k, v) in &fp.pf_netdevs {
-                    carriers.entry(k.clone()).or_insert(*v);
+                    if let std::collections::btree_map::Entry::Vacant(e) = carriers.entry(k.clone()) {
+                        e.insert(*v);
+                        if let Some(up) = *v {
+                            out.push(HostEvent::CarrierChanged { pf_netdev: k.clone(), up });
+                        }
+                    }
                 }
                 last = Some(fp);
             }

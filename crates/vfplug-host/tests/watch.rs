@@ -99,33 +99,29 @@ async fn watcher_reports_carrier_and_pci_changes_on_a_fake_tree() {
     cfg.fingerprint_poll = Some(Duration::from_millis(20));
     cfg.carrier_poll = Duration::from_millis(10);
     cfg.resync = Duration::from_secs(3600);
+    b.set_carrier("p0", true).unwrap();
+    b.set_carrier("p1", false).unwrap();
     let cancel = CancellationToken::new();
     let mut rx = spawn_watcher(cfg, cancel.clone());
 
-    // The watcher learns the PF netdevs (and their baseline carrier) from its first
-    // fingerprint, which may run after a flip made right away: flip until it reports one,
-    // without depending on how fast this machine is.
-    let mut up = true;
-    let first = loop {
-        up = !up;
-        b.set_carrier("p0", up).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match rx.recv().await {
-                    Some(e @ HostEvent::CarrierChanged { .. }) => return Some(e),
-                    Some(_) => {}
-                    None => return None,
-                }
+    // The watcher learns the PF netdevs from its first fingerprint and reports each one's
+    // carrier once as it learns it (the consumer scanned earlier; a flip in between must not be
+    // lost).
+    let mut baseline = std::collections::BTreeMap::new();
+    while baseline.len() < 2 {
+        match next_matching(&mut rx, |e| matches!(e, HostEvent::CarrierChanged { .. })).await {
+            HostEvent::CarrierChanged { pf_netdev, up } => {
+                assert!(baseline.insert(pf_netdev, up).is_none(), "reported twice");
             }
-        })
-        .await;
-        match got {
-            Ok(Some(ev)) => break ev,
-            Ok(None) => panic!("watcher stopped"),
-            Err(_) => {} // not yet watching p0; flip again
+            other => panic!("{other:?}"),
         }
-    };
-    assert!(matches!(&first, HostEvent::CarrierChanged { pf_netdev, .. } if pf_netdev == "p0"));
+    }
+    assert_eq!(
+        baseline,
+        [("p0".to_string(), true), ("p1".to_string(), false)]
+            .into_iter()
+            .collect()
+    );
     // From here on the baseline is known: each flip gives exactly its event.
     b.set_carrier("p1", true).unwrap();
     let ev = next_matching(&mut rx, |e| matches!(e, HostEvent::CarrierChanged { .. })).await;
