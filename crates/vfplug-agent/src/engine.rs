@@ -1,13 +1,17 @@
 //! The agent: inventory → pools → ledger → kubelet, kept consistent by one reconcile loop.
 //!
-//! - One task owns every change of inventory, config and pool set (the reconcile loop); the
-//!   device-plugin servers only read shared state, except Allocate, which records kubelet
-//!   allocations in the ledger (in memory plus an unsynced WAL append: the kubelet's own
-//!   checkpoint and PodResources are the durable source of those, so the Allocate path makes no
-//!   disk-sync, netlink or API-server call).
-//! - Every other ledger record is appended and synced before it is applied.
-//! - Pools are keyed by their full resource name; a reload that leaves a pool's resource name
-//!   alone keeps its kubelet registration, and only pushes a new device list if it changed.
+//! - [`Shared`] holds the state (config, inventory, pool membership, the live ledger) under one
+//!   *short* lock: nothing under it waits for the disk. Ledger records are applied there and
+//!   queued to the journal ([`crate::store`]); a caller that acts on a record awaits its
+//!   ticket after dropping the lock (group commit).
+//! - One task owns every change of inventory, config and pool set (the reconcile loop, here);
+//!   it also pushes every ledger change to the kubelet at once, so a VF taken through the node
+//!   API turns Unhealthy at the kubelet before anyone else can be handed it.
+//! - [`crate::pools`]: membership and health; [`crate::kubelet`]: Allocate and PodResources;
+//!   [`crate::ports`] + `vfplug-executor`: the CNI sagas; [`crate::node`]: the node API adapter.
+//! - Critical tasks (the loop, the inventory watcher, the ledger journal, the node API) are
+//!   supervised: if one stops, the agent stops with [`AgentError::Critical`] and vfplugd exits
+//!   non-zero instead of serving half.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -18,34 +22,27 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use vfplug_core::ledger::{Ledger, LedgerError, Record, VfState};
-use vfplug_core::{
-    AllocPolicy, Candidate, Config, DeviceMode, Inventory, PciAddress, PfLinkDown, PoolConfig,
-    VfInfo, assign_pools,
-};
-use vfplug_host::driver::{DriverBinder, SysfsDriverBinder, VFIO_PCI};
+use vfplug_core::{Config, Inventory, PciAddress};
+use vfplug_executor::{Executor, HostPorts};
+use vfplug_host::driver::SysfsDriverBinder;
 use vfplug_host::sysfs::SysfsInventory;
 use vfplug_host::watch::{HostEvent, WatchConfig, spawn_watcher};
-use vfplug_kubelet::plugin::{
-    AllocError, ContainerAlloc, PluginBackend, PluginConfig, PluginDevice, PluginHandle,
-    RegistrationMode, spawn_plugin,
-};
-use vfplug_kubelet::podresources::{PodResourcesState, spawn_poller};
-use vfplug_kubelet::sriov;
+use vfplug_kubelet::podresources::spawn_poller;
 
-use crate::metrics::{Metrics, PoolLabel, PoolState};
-use crate::options::{AgentOptions, Registration};
+use crate::kubelet::learn_kubelet_allocations;
+use crate::metrics::Metrics;
+use crate::options::AgentOptions;
+use crate::pools::{
+    PoolRuntime, bind_vfio_where_configured, membership, push_devices, sync_pools, update_metrics,
+};
+use crate::ports::AgentLedger;
+use crate::store::{Journal, StoreError, Ticket, spawn_writer};
 use crate::wal::{Wal, WalError};
 
-/// Compact the WAL into a snapshot after this many records.
-const COMPACT_AFTER: usize = 1024;
-/// A kubelet allocation not (yet) reported by PodResources is kept this long before it is
-/// considered released (the container may not be created yet when PodResources is asked).
-const KUBELET_ALLOC_GRACE: Duration = Duration::from_secs(60);
-
-/// How often the per-state gauges are recomputed.
-const METRICS_EVERY: Duration = Duration::from_secs(1);
+/// The executor as the agent runs it.
+pub(crate) type AgentExecutor = Executor<AgentLedger>;
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -73,13 +70,17 @@ pub enum AgentError {
     /// The node API socket cannot be served.
     #[error("node API socket: {0}")]
     NodeSocket(String),
+    /// A task the daemon cannot work without stopped (node API, inventory watcher, ledger
+    /// journal): vfplugd exits rather than serve half.
+    #[error("critical task stopped: {0}")]
+    Critical(String),
 }
 
-/// State shared by the reconcile loop and the pools' backends.
+/// State shared by the reconcile loop, the pools' backends and the node API.
 pub(crate) struct Shared {
     pub(crate) opts: AgentOptions,
     pub(crate) state: Mutex<State>,
-    wal: Mutex<Wal<Ledger, Record>>,
+    pub(crate) journal: Arc<Journal>,
     pub(crate) metrics: Metrics,
 }
 
@@ -90,9 +91,9 @@ pub(crate) struct State {
     /// Pool membership: resource name → VFs.
     pub(crate) members: BTreeMap<String, Vec<PciAddress>>,
     /// When a VF was last given out by Allocate, or last seen in PodResources.
-    kubelet_seen: HashMap<PciAddress, Instant>,
+    pub(crate) kubelet_seen: HashMap<PciAddress, Instant>,
     /// Start of this process: the grace period for kubelet allocations learned before it.
-    started: Instant,
+    pub(crate) started: Instant,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,35 +103,51 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Appends each record and applies it at once, so the in-memory ledger always equals what a
-    /// replay of the log would give, even when an append fails half-way; then syncs if asked.
-    /// Callers act on the records only after this returns `Ok`.
-    pub(crate) fn commit(
+    /// Applies one record to the live ledger (which re-validates it: a refused record is
+    /// neither applied nor written) and queues it to the journal. Call with the state lock
+    /// held; await the ticket after dropping it, before acting on the record.
+    pub(crate) fn commit_one(&self, st: &mut State, record: Record) -> Result<Ticket, LedgerError> {
+        st.ledger.apply(&record)?;
+        Ok(self.journal.enqueue([record]))
+    }
+
+    /// As [`Self::commit_one`] for records that depend on each other: all or nothing.
+    pub(crate) fn commit_all(
         &self,
         st: &mut State,
         records: Vec<Record>,
-        sync: bool,
-    ) -> Result<(), WalError> {
-        if records.is_empty() {
-            return Ok(());
+    ) -> Result<Ticket, LedgerError> {
+        if records.len() > 1 {
+            // Validate the whole batch on a scratch copy first, so a refusal half-way changes
+            // nothing (batches are rare and small: Allocate of several VFs, a claim).
+            let mut scratch = st.ledger.clone();
+            for r in &records {
+                scratch.apply(r)?;
+            }
+            st.ledger = scratch;
+        } else if let Some(r) = records.first() {
+            st.ledger.apply(r)?;
         }
-        let mut wal = lock(&self.wal);
-        for r in &records {
-            wal.append(r, false)?;
-            if let Err(e) = st.ledger.apply(r) {
-                // The plan came from this very ledger under the same lock; a refusal is a bug.
-                error!(error = %e, ?r, "ledger refused a record it planned");
+        Ok(self.journal.enqueue(records))
+    }
+
+    /// Applies and queues each record of independent ones (inventory, PodResources); a refused
+    /// record is skipped and returned, the others go ahead.
+    pub(crate) fn commit_all_lenient(
+        &self,
+        st: &mut State,
+        records: Vec<Record>,
+    ) -> Vec<LedgerError> {
+        let mut ok = Vec::with_capacity(records.len());
+        let mut refused = Vec::new();
+        for r in records {
+            match st.ledger.apply(&r) {
+                Ok(()) => ok.push(r),
+                Err(e) => refused.push(e),
             }
         }
-        if sync {
-            wal.sync()?;
-        }
-        if wal.records_since_snapshot() >= COMPACT_AFTER
-            && let Err(e) = wal.compact(&st.ledger)
-        {
-            warn!(error = %e, "ledger compaction failed; will retry");
-        }
-        Ok(())
+        let _ticket = self.journal.enqueue(ok);
+        refused
     }
 }
 
@@ -151,9 +168,10 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Agent {
-    /// Loads the config and the ledger, scans the inventory, then starts the pools' kubelet
-    /// servers and the reconcile loop. Errors here (bad config, damaged ledger, no sysfs) stop
-    /// vfplugd with a message; later errors are logged and retried.
+    /// Loads the config and the ledger, scans the inventory, finishes half-done attachments,
+    /// then serves the node API and starts the pools' kubelet servers and the reconcile loop.
+    /// Errors here (bad config, damaged ledger, no sysfs) stop vfplugd with a message; later
+    /// errors are logged and retried, except a critical task stopping (see the module docs).
     pub async fn start(opts: AgentOptions, cancel: CancellationToken) -> Result<Self, AgentError> {
         let config = load_config(&opts.config_path)?;
         for w in &config.warnings {
@@ -166,6 +184,15 @@ impl Agent {
             ledger.apply(r).map_err(AgentError::Replay)?;
         }
         info!(state_dir = %opts.state_dir.display(), replayed, "ledger loaded");
+        let journal = Journal::new();
+        let writer = spawn_writer(
+            Arc::clone(&journal),
+            wal,
+            ledger.clone(),
+            opts.compact_after,
+            opts.sync_mode,
+        )
+        .map_err(|e| AgentError::Join(format!("starting the ledger writer: {e}")))?;
 
         let scanner = SysfsInventory::new(opts.sysfs_root.clone());
         let inventory = tokio::task::spawn_blocking(move || scanner.scan())
@@ -177,6 +204,15 @@ impl Agent {
             "inventory scanned"
         );
 
+        let host = HostPorts {
+            vf_netlink: Arc::clone(&opts.vf_netlink),
+            netdev: Arc::clone(&opts.netdev_ops),
+            driver: opts
+                .driver_binder
+                .clone()
+                .unwrap_or_else(|| Arc::new(SysfsDriverBinder::new(opts.sysfs_root.clone()))),
+            sysfs_root: opts.sysfs_root.clone(),
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 config: Arc::new(config),
@@ -186,36 +222,39 @@ impl Agent {
                 kubelet_seen: HashMap::new(),
                 started: Instant::now(),
             }),
-            wal: Mutex::new(wal),
+            journal: Arc::clone(&journal),
             metrics: Metrics::default(),
             opts,
         });
         let mut registry = Registry::default();
         shared.metrics.register(&mut registry);
         // The first inventory is in the ledger before the node API answers anything.
-        apply_inventory(&shared, inventory)?;
+        let t = apply_inventory(&shared, inventory);
+        journal.durable(t).await.map_err(store_failed)?;
+
+        let executor = Arc::new(Executor::new(
+            Arc::new(AgentLedger::new(Arc::clone(&shared))),
+            host,
+        ));
+        // Half-done ADDs of a previous run are undone before any new CNI call is served.
+        executor.recover().await;
 
         let (ready_tx, ready_rx) = watch::channel(false);
         let node_api = match shared.opts.node_socket.clone() {
             Some(path) => Some(crate::node::serve(
                 Arc::clone(&shared),
-                ready_rx.clone(),
+                Arc::clone(&executor),
                 &path,
                 cancel.child_token(),
             )?),
             None => None,
         };
-        let main = tokio::spawn(run(Arc::clone(&shared), cancel, ready_tx));
-        let task = tokio::spawn(async move {
-            let result = main.await.map_err(|e| AgentError::Join(e.to_string()))?;
-            if let Some(api) = node_api {
-                // The loop's cancellation token is the node API's parent: it is stopping too.
-                if let Err(e) = api.await {
-                    warn!(error = %e, "node API task failed");
-                }
-            }
-            result
-        });
+        let main = tokio::spawn(
+            run(Arc::clone(&shared), cancel.clone(), ready_tx).instrument(info_span!("reconcile")),
+        );
+        let task = tokio::spawn(
+            supervise(main, node_api, journal, writer, cancel).instrument(info_span!("agent")),
+        );
         Ok(Self {
             ready: ready_rx,
             registry: Arc::new(registry),
@@ -223,7 +262,8 @@ impl Agent {
         })
     }
 
-    /// True once the inventory is loaded and every pool is registered with the kubelet.
+    /// True once the inventory is loaded and every pool is registered with the kubelet, and
+    /// while every critical task runs.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.clone()
     }
@@ -241,6 +281,77 @@ impl Agent {
     }
 }
 
+fn store_failed(e: StoreError) -> AgentError {
+    AgentError::Critical(e.to_string())
+}
+
+/// Waits for the reconcile loop; stops everything (and fails) when the node API server or the
+/// ledger journal stops before a shutdown was asked for.
+async fn supervise(
+    mut main: JoinHandle<Result<(), AgentError>>,
+    node_api: Option<JoinHandle<Result<(), String>>>,
+    journal: Arc<Journal>,
+    writer: std::thread::JoinHandle<()>,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut progress = journal.progress();
+    let node_api_done = async {
+        match node_api {
+            Some(h) => h.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(node_api_done);
+    let mut failure: Option<AgentError> = None;
+    let mut api_finished = false;
+    let result = tokio::select! {
+        r = &mut main => Some(r),
+        r = &mut node_api_done => {
+            api_finished = true;
+            if !cancel.is_cancelled() {
+                let why = match r {
+                    Ok(Ok(())) => "the node API server stopped".to_owned(),
+                    Ok(Err(e)) => format!("the node API server failed: {e}"),
+                    Err(e) => format!("the node API task panicked: {e}"),
+                };
+                error!(%why, "stopping vfplugd");
+                failure = Some(AgentError::Critical(why));
+            }
+            None
+        }
+        f = progress.wait_for(|d| d.failed.is_some()) => {
+            let why = f.ok().and_then(|d| d.failed.clone()).map_or_else(
+                || "the ledger journal stopped".to_owned(),
+                |m| format!("the ledger journal failed: {m}"),
+            );
+            error!(%why, "stopping vfplugd");
+            failure = Some(AgentError::Critical(why));
+            None
+        }
+    };
+    cancel.cancel();
+    let main_result = match result {
+        Some(r) => r.map_err(|e| AgentError::Join(e.to_string()))?,
+        None => main.await.map_err(|e| AgentError::Join(e.to_string()))?,
+    };
+    // The node API removes its socket as it stops: wait for that before saying "stopped".
+    if !api_finished && let Err(e) = (&mut node_api_done).await {
+        warn!(error = %e, "node API task failed while stopping");
+    }
+    journal.close();
+    if tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?
+        .is_err()
+    {
+        warn!("the ledger writer thread panicked");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => main_result,
+    }
+}
+
 fn load_config(path: &Path) -> Result<Config, AgentError> {
     let err = |message: String| AgentError::Config {
         path: path.display().to_string(),
@@ -250,14 +361,6 @@ fn load_config(path: &Path) -> Result<Config, AgentError> {
     let config = Config::parse(&text).map_err(|e| err(e.to_string()))?;
     config.validate().map_err(|e| err(e.to_string()))?;
     Ok(config)
-}
-
-/// One pool's kubelet server and the channel feeding it.
-struct PoolRuntime {
-    pool: PoolConfig,
-    devices: watch::Sender<Vec<PluginDevice>>,
-    cancel: CancellationToken,
-    handle: PluginHandle,
 }
 
 async fn run(
@@ -275,6 +378,7 @@ async fn run(
         watch_cfg.fingerprint_poll = Some(opts.poll_interval);
     }
     let mut host_events = spawn_watcher(watch_cfg, cancel.child_token());
+    let mut ledger_changes = shared.journal.changes();
     let podres = spawn_poller(
         vfplug_kubelet::podresources::socket_path(&opts.kubelet_dir),
         opts.podresources_interval,
@@ -288,16 +392,29 @@ async fn run(
     let mut config_stamp = file_stamp(&opts.config_path);
     // Metrics walk every VF under the state lock that Allocate takes: once a second is plenty
     // for Prometheus and keeps that work off the Allocate path's way.
-    let mut metrics_at = Instant::now() - METRICS_EVERY;
+    let metrics_every = opts.metrics_interval;
+    let mut metrics_at: Option<Instant> = None;
+    let mut registered: BTreeMap<String, bool> = BTreeMap::new();
+    let mut failure = None;
     let mut tick = tokio::time::interval(opts.poll_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
+            changed = ledger_changes.changed() => {
+                if changed.is_ok() {
+                    // Reservations turn Unhealthy and releases Healthy at the kubelet at once.
+                    push_devices(&shared, &pools);
+                }
+            }
             ev = host_events.recv() => {
                 let Some(ev) = ev else {
-                    // The watcher only ends on cancellation.
+                    // The watcher only ends on cancellation: anything else is fatal.
+                    if !cancel.is_cancelled() {
+                        error!("the inventory watcher stopped; stopping vfplugd");
+                        failure = Some(AgentError::Critical("the inventory watcher stopped".into()));
+                    }
                     break;
                 };
                 // Carrier flips only change health: apply them in memory at once (the health
@@ -329,9 +446,7 @@ async fn run(
                     continue;
                 }
                 let snapshot = podres_state.borrow_and_update().clone();
-                if let Err(e) = learn_kubelet_allocations(&shared, &snapshot) {
-                    error!(error = %e, "cannot persist ledger changes");
-                }
+                learn_kubelet_allocations(&shared, &snapshot);
                 push_devices(&shared, &pools);
             }
             _ = tick.tick() => {
@@ -342,13 +457,23 @@ async fn run(
                     bind_vfio_where_configured(&shared).await;
                 }
                 let all_registered = pools.values().all(|p| *p.handle.registered().borrow());
+                for (resource, p) in &pools {
+                    let now = *p.handle.registered().borrow();
+                    let before = registered.insert(resource.clone(), now).unwrap_or(false);
+                    if now && !before {
+                        shared.metrics.registrations.get_or_create(&crate::metrics::RegistrationLabel {
+                            pool: resource.clone(),
+                            result: "registered".into(),
+                        }).inc();
+                    }
+                }
                 ready.send_if_modified(|r| {
                     let changed = *r != all_registered;
                     *r = all_registered;
                     changed
                 });
-                if metrics_at.elapsed() >= METRICS_EVERY {
-                    metrics_at = Instant::now();
+                if metrics_at.is_none_or(|t| t.elapsed() >= metrics_every) {
+                    metrics_at = Some(Instant::now());
                     update_metrics(&shared, &pools);
                 }
             }
@@ -362,10 +487,10 @@ async fn run(
         p.handle.join().await;
     }
     podres.join().await;
-    if let Err(e) = lock(&shared.wal).sync() {
-        warn!(error = %e, "final ledger sync failed");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Records a PF carrier change reported by the watcher (the next scan reads it from sysfs too).
@@ -389,33 +514,52 @@ async fn rescan_inventory(shared: &Arc<Shared>) -> Result<(), AgentError> {
     let inv = tokio::task::spawn_blocking(move || scanner.scan())
         .await
         .map_err(|e| AgentError::Join(e.to_string()))??;
-    apply_inventory(shared, inv)
+    let _ticket = apply_inventory(shared, inv);
+    Ok(())
 }
 
 /// Brings the ledger and pool membership in line with a fresh inventory.
-fn apply_inventory(shared: &Shared, inv: Inventory) -> Result<(), AgentError> {
+/// Nobody acts on these records directly; the returned ticket lets the start wait for them.
+fn apply_inventory(shared: &Shared, inv: Inventory) -> Ticket {
     shared.metrics.scans.inc();
     let mut st = lock(&shared.state);
     let present: BTreeSet<PciAddress> = inv.vfs.keys().copied().collect();
     let records = st.ledger.plan_inventory(&present);
-    shared.commit(&mut st, records, true)?;
+    for r in &records {
+        log_inventory_record(r, &st.ledger);
+    }
+    for e in shared.commit_all_lenient(&mut st, records) {
+        error!(error = %e, "ledger refused an inventory record");
+    }
     st.members = membership(&st.config, &inv);
     st.inventory = inv;
-    Ok(())
+    shared.journal.enqueue([])
 }
 
-fn membership(config: &Config, inv: &Inventory) -> BTreeMap<String, Vec<PciAddress>> {
-    let by_name = assign_pools(config, inv);
-    config
-        .pools
-        .iter()
-        .map(|p| {
-            (
-                config.resource_name(p),
-                by_name.get(&p.name).cloned().unwrap_or_default(),
-            )
-        })
-        .collect()
+/// One line per VF that appears, vanishes or comes back (an operator's first question after a
+/// PF reset or a `sriov_numvfs` change).
+fn log_inventory_record(r: &Record, ledger: &Ledger) {
+    match r {
+        Record::Add { pci } => debug!(%pci, "VF appeared"),
+        Record::Remove { pci, .. } => info!(%pci, "VF disappeared (it was free)"),
+        Record::Set {
+            pci,
+            to: VfState::Missing { was },
+            ..
+        } => {
+            warn!(%pci, state = %was.kind(), owner = ?was.owner().map(ToString::to_string),
+                "VF disappeared while in use; kept as Missing until it returns or its owner lets go")
+        }
+        Record::Set {
+            pci,
+            from: VfState::Missing { was },
+            ..
+        } => {
+            info!(%pci, state = %was.kind(), "VF came back")
+        }
+        Record::Set { .. } => {}
+    }
+    let _ = ledger;
 }
 
 fn reload_config(
@@ -441,444 +585,5 @@ fn reload_config(
             shared.metrics.config_reload_errors.inc();
             error!(error = %e, "config reload rejected; the previous config stays in force");
         }
-    }
-}
-
-/// Starts servers for new pools, stops removed ones, and pushes device lists to all.
-fn sync_pools(
-    shared: &Arc<Shared>,
-    pools: &mut BTreeMap<String, PoolRuntime>,
-    cancel: &CancellationToken,
-) {
-    let config = Arc::clone(&lock(&shared.state).config);
-    let wanted: BTreeMap<String, PoolConfig> = config
-        .pools
-        .iter()
-        .map(|p| (config.resource_name(p), p.clone()))
-        .collect();
-
-    let gone: Vec<String> = pools
-        .keys()
-        .filter(|k| !wanted.contains_key(*k))
-        .cloned()
-        .collect();
-    for name in gone {
-        if let Some(p) = pools.remove(&name) {
-            info!(resource = %name, "pool removed from config: unregistering");
-            p.cancel.cancel();
-            tokio::spawn(p.handle.join());
-        }
-    }
-    for (resource, pool) in wanted {
-        if let Some(rt) = pools.get_mut(&resource) {
-            rt.pool = pool;
-            continue;
-        }
-        let devices = pool_devices(&lock(&shared.state), &resource, &pool);
-        let (tx, rx) = watch::channel(devices);
-        let backend = Arc::new(PoolBackend {
-            shared: Arc::clone(shared),
-            resource: resource.clone(),
-            devices: rx,
-        });
-        let mut pc = PluginConfig::new(pool.name.clone(), shared.opts.kubelet_dir.clone());
-        pc.mode = match shared.opts.registration {
-            Registration::Auto => RegistrationMode::Auto,
-            Registration::Legacy => RegistrationMode::Legacy,
-            Registration::PluginsRegistry => RegistrationMode::PluginsRegistry,
-        };
-        let token = cancel.child_token();
-        let handle = spawn_plugin(pc, backend, token.clone());
-        info!(%resource, "pool started");
-        pools.insert(
-            resource,
-            PoolRuntime {
-                pool,
-                devices: tx,
-                cancel: token,
-                handle,
-            },
-        );
-    }
-    push_devices(shared, pools);
-}
-
-/// Recomputes every pool's device list and sends it where it changed.
-fn push_devices(shared: &Shared, pools: &BTreeMap<String, PoolRuntime>) {
-    let st = lock(&shared.state);
-    for (resource, rt) in pools {
-        let devices = pool_devices(&st, resource, &rt.pool);
-        rt.devices.send_if_modified(|cur| {
-            if *cur == devices {
-                false
-            } else {
-                *cur = devices;
-                true
-            }
-        });
-    }
-}
-
-/// Whether a VF may be handed out by the kubelet right now.
-pub(crate) fn vf_healthy(st: &State, pool: &PoolConfig, vf: &VfInfo) -> bool {
-    let held_elsewhere = !matches!(
-        st.ledger.get(&vf.pci),
-        None | Some(VfState::Free) | Some(VfState::KubeletAllocated { .. })
-    );
-    if held_elsewhere {
-        return false;
-    }
-    if pool.health.pf_link_down == PfLinkDown::Unhealthy
-        && st.inventory.pf_of(vf).and_then(|pf| pf.carrier) == Some(false)
-    {
-        return false;
-    }
-    driver_fits(pool, vf.driver.as_deref())
-}
-
-/// A VF whose driver does not match the pool's mode is not usable as advertised.
-pub(crate) fn driver_fits(pool: &PoolConfig, driver: Option<&str>) -> bool {
-    match (pool.device_mode, driver) {
-        (DeviceMode::Vfio, Some(d)) => d == VFIO_PCI,
-        (DeviceMode::Vfio, None) => false,
-        (DeviceMode::Netdev, Some(d)) => !matches!(d, VFIO_PCI | "igb_uio" | "uio_pci_generic"),
-        (DeviceMode::Netdev, None) => false,
-    }
-}
-
-fn pool_devices(st: &State, resource: &str, pool: &PoolConfig) -> Vec<PluginDevice> {
-    let Some(members) = st.members.get(resource) else {
-        return Vec::new();
-    };
-    members
-        .iter()
-        .filter_map(|pci| st.inventory.vfs.get(pci))
-        .map(|vf| PluginDevice {
-            id: vf.pci.to_string(),
-            healthy: vf_healthy(st, pool, vf),
-            numa_node: if pool.exclude_topology {
-                None
-            } else {
-                vf.numa_node
-            },
-        })
-        .collect()
-}
-
-/// Turns PodResources' view into ledger facts: devices the kubelet reports are
-/// KubeletAllocated; KubeletAllocated devices it no longer reports (after a grace period) are
-/// Free again.
-fn learn_kubelet_allocations(shared: &Shared, pr: &PodResourcesState) -> Result<(), WalError> {
-    let Some(allocs) = &pr.allocations else {
-        return Ok(());
-    };
-    let mut st = lock(&shared.state);
-    let ours: BTreeSet<&String> = st.members.keys().collect();
-    let mut reported: BTreeMap<PciAddress, String> = BTreeMap::new();
-    for a in allocs.iter().filter(|a| ours.contains(&a.resource_name)) {
-        for id in &a.device_ids {
-            if let Ok(pci) = id.parse::<PciAddress>() {
-                reported.insert(pci, format!("{}/{}", a.namespace, a.pod));
-            }
-        }
-    }
-    let now = Instant::now();
-    let mut records = Vec::new();
-    for (pci, pod) in &reported {
-        st.kubelet_seen.insert(*pci, now);
-        match st.ledger.get(pci) {
-            Some(VfState::Free | VfState::KubeletAllocated { .. }) => {
-                match st.ledger.plan_kubelet_allocate(*pci, Some(pod)) {
-                    Ok(r) => records.push(r),
-                    Err(LedgerError::NoChange { .. }) => {}
-                    Err(e) => debug!(%pci, error = %e, "cannot record kubelet allocation"),
-                }
-            }
-            None => {}
-            Some(other) => warn!(%pci, state = ?other, %pod,
-                "kubelet reports a VF that vfplug holds for another owner; it stays fenced"),
-        }
-    }
-    let grace_from = st.started;
-    let stale: Vec<PciAddress> = st
-        .ledger
-        .iter()
-        .filter(|(pci, s)| {
-            matches!(s, VfState::KubeletAllocated { .. }) && !reported.contains_key(pci)
-        })
-        .filter(|(pci, _)| {
-            let seen = st.kubelet_seen.get(pci).copied().unwrap_or(grace_from);
-            now.duration_since(seen) >= KUBELET_ALLOC_GRACE
-        })
-        .map(|(pci, _)| *pci)
-        .collect();
-    for pci in stale {
-        match st.ledger.plan_kubelet_release(pci) {
-            Ok(r) => {
-                info!(%pci, "kubelet no longer reports the VF: back to Free");
-                records.push(r);
-            }
-            Err(e) => debug!(%pci, error = %e, "cannot release kubelet allocation"),
-        }
-        st.kubelet_seen.remove(&pci);
-    }
-    shared.commit(&mut st, records, true)
-}
-
-/// Binds Free VFs of `bindVfio` pools to vfio-pci (outside the state lock).
-async fn bind_vfio_where_configured(shared: &Arc<Shared>) {
-    let todo: Vec<PciAddress> = {
-        let st = lock(&shared.state);
-        st.config
-            .pools
-            .iter()
-            .filter(|p| p.bind_vfio)
-            .flat_map(|p| {
-                st.members
-                    .get(&st.config.resource_name(p))
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .filter(|pci| matches!(st.ledger.get(pci), None | Some(VfState::Free)))
-            .filter(|pci| {
-                st.inventory.vfs.get(pci).and_then(|v| v.driver.as_deref()) != Some(VFIO_PCI)
-            })
-            .collect()
-    };
-    if todo.is_empty() {
-        return;
-    }
-    let root = shared.opts.sysfs_root.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let binder = SysfsDriverBinder::new(root);
-        for pci in todo {
-            match binder.bind_vfio(pci) {
-                Ok(()) => info!(%pci, "bound to vfio-pci"),
-                Err(e) => warn!(%pci, error = %e, "cannot bind to vfio-pci; VF stays unhealthy"),
-            }
-        }
-    })
-    .await;
-    if let Err(e) = result {
-        error!(error = %e, "vfio binding task failed");
-    }
-}
-
-fn update_metrics(shared: &Shared, pools: &BTreeMap<String, PoolRuntime>) {
-    let st = lock(&shared.state);
-    shared.metrics.vfs.clear();
-    shared.metrics.advertised.clear();
-    for (resource, rt) in pools {
-        let mut by_state: BTreeMap<String, i64> = BTreeMap::new();
-        for pci in st.members.get(resource).into_iter().flatten() {
-            let name = st
-                .ledger
-                .get(pci)
-                .map_or_else(|| "free".to_owned(), |s| s.kind().to_string());
-            *by_state.entry(name).or_default() += 1;
-        }
-        for (state, n) in by_state {
-            shared
-                .metrics
-                .vfs
-                .get_or_create(&PoolState {
-                    pool: resource.clone(),
-                    state,
-                })
-                .set(n);
-        }
-        let devs = rt.devices.borrow();
-        let healthy = devs.iter().filter(|d| d.healthy).count() as i64;
-        for (state, n) in [
-            ("healthy", healthy),
-            ("unhealthy", devs.len() as i64 - healthy),
-        ] {
-            shared
-                .metrics
-                .advertised
-                .get_or_create(&PoolState {
-                    pool: resource.clone(),
-                    state: state.into(),
-                })
-                .set(n);
-        }
-    }
-}
-
-/// The kubelet-facing side of one pool.
-struct PoolBackend {
-    shared: Arc<Shared>,
-    resource: String,
-    devices: watch::Receiver<Vec<PluginDevice>>,
-}
-
-impl PoolBackend {
-    fn label(&self) -> PoolLabel {
-        PoolLabel {
-            pool: self.resource.clone(),
-        }
-    }
-}
-
-impl PluginBackend for PoolBackend {
-    fn resource_name(&self) -> &str {
-        &self.resource
-    }
-
-    fn devices(&self) -> watch::Receiver<Vec<PluginDevice>> {
-        self.devices.clone()
-    }
-
-    fn allocate(&self, req: &[Vec<String>]) -> Result<Vec<ContainerAlloc>, AllocError> {
-        let result = self.allocate_inner(req);
-        match &result {
-            Ok(_) => self
-                .shared
-                .metrics
-                .allocations
-                .get_or_create(&self.label())
-                .inc(),
-            Err(e) => {
-                warn!(resource = %self.resource, error = %e, "Allocate refused");
-                self.shared
-                    .metrics
-                    .allocation_errors
-                    .get_or_create(&self.label())
-                    .inc()
-            }
-        };
-        result
-    }
-
-    fn preferred(&self, available: &[String], must_include: &[String], size: usize) -> Vec<String> {
-        let st = lock(&self.shared.state);
-        let Some(pool) = st
-            .config
-            .pools
-            .iter()
-            .find(|p| st.config.resource_name(p) == self.resource)
-        else {
-            return Vec::new();
-        };
-        let policy: AllocPolicy = pool.policy;
-        let cands: Vec<Candidate> = available
-            .iter()
-            .filter_map(|id| id.parse::<PciAddress>().ok())
-            .filter_map(|pci| st.inventory.vfs.get(&pci))
-            .map(|vf| Candidate {
-                pci: vf.pci,
-                pf: vf.pf,
-                numa: vf.numa_node,
-            })
-            .collect();
-        let must: Vec<PciAddress> = must_include
-            .iter()
-            .filter_map(|id| id.parse().ok())
-            .collect();
-        vfplug_core::preferred(policy, &cands, &must, size)
-            .iter()
-            .map(ToString::to_string)
-            .collect()
-    }
-}
-
-impl PoolBackend {
-    fn allocate_inner(&self, req: &[Vec<String>]) -> Result<Vec<ContainerAlloc>, AllocError> {
-        let shared = &self.shared;
-        let mut st = lock(&shared.state);
-        let config = Arc::clone(&st.config);
-        let pool = config
-            .pools
-            .iter()
-            .find(|p| config.resource_name(p) == self.resource)
-            .ok_or_else(|| AllocError::Internal(format!("pool {} is gone", self.resource)))?;
-        let mut params = sriov::SriovAllocParams::new(config.prefix_of(pool), pool.name.clone());
-        params.cdi = false;
-        let members: BTreeSet<PciAddress> = st
-            .members
-            .get(&self.resource)
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-
-        let mut out = Vec::with_capacity(req.len());
-        let mut records = Vec::new();
-        let mut planned = BTreeSet::new();
-        for ids in req {
-            let mut devs = Vec::with_capacity(ids.len());
-            for id in ids {
-                let pci: PciAddress = id
-                    .parse()
-                    .map_err(|_| AllocError::UnknownDevice(id.clone()))?;
-                if !members.contains(&pci) {
-                    return Err(AllocError::UnknownDevice(id.clone()));
-                }
-                let vf = st
-                    .inventory
-                    .vfs
-                    .get(&pci)
-                    .ok_or_else(|| AllocError::UnknownDevice(id.clone()))?;
-                match st.ledger.get(&pci) {
-                    None | Some(VfState::Free) => {
-                        if planned.insert(pci) {
-                            let r = st.ledger.plan_kubelet_allocate(pci, None).map_err(|e| {
-                                AllocError::Unavailable {
-                                    id: id.clone(),
-                                    reason: e.to_string(),
-                                }
-                            })?;
-                            records.push(r);
-                        }
-                    }
-                    // The kubelet re-allocates devices it already holds (e.g. after its restart).
-                    Some(VfState::KubeletAllocated { .. }) => {}
-                    Some(other) => {
-                        return Err(AllocError::Unavailable {
-                            id: id.clone(),
-                            reason: format!(
-                                "held by vfplug ({}), not by the kubelet",
-                                other.kind()
-                            ),
-                        });
-                    }
-                }
-                let dev = match pool.device_mode {
-                    DeviceMode::Vfio => {
-                        let group = vf.iommu_group.ok_or_else(|| AllocError::Unavailable {
-                            id: id.clone(),
-                            reason: "vfio mode but the VF has no IOMMU group".into(),
-                        })?;
-                        sriov::SriovDevice::vfio(id.clone(), group)
-                    }
-                    DeviceMode::Netdev => sriov::SriovDevice::netdev(id.clone()),
-                }
-                .with_pf(vf.pf.to_string());
-                devs.push(dev);
-            }
-            if pool.device_mode == DeviceMode::Vfio {
-                sriov::check_vfio_nodes(&shared.opts.dev_root, &devs)
-                    .map_err(|e| AllocError::Internal(e.to_string()))?;
-            }
-            let alloc = sriov::container_alloc(&params, &devs)
-                .map_err(|e| AllocError::Internal(e.to_string()))?;
-            for d in &devs {
-                if let Err(e) =
-                    sriov::write_device_info(&shared.opts.device_info_dir, &self.resource, d)
-                {
-                    warn!(pci = %d.pci, error = %e, "cannot write the device-info file");
-                }
-            }
-            out.push(alloc);
-        }
-        // Unsynced append: see the module docs.
-        shared
-            .commit(&mut st, records, false)
-            .map_err(|e| AllocError::Internal(format!("ledger: {e}")))?;
-        let now = Instant::now();
-        for pci in planned {
-            st.kubelet_seen.insert(pci, now);
-        }
-        Ok(out)
     }
 }

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vfplug_host::driver::DriverBinder;
 use vfplug_host::net::{NetdevOps, VfNetlink};
+
+pub use crate::store::SyncMode;
 
 /// How vfplugd registers with the kubelet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -49,6 +52,29 @@ pub struct AgentOptions {
     pub vf_netlink: Arc<dyn VfNetlink>,
     /// Netdev placement into pods.
     pub netdev_ops: Arc<dyn NetdevOps>,
+    /// Driver binding and function reset; `None`: sysfs under `sysfs_root`.
+    pub driver_binder: Option<Arc<dyn DriverBinder>>,
+    /// A kubelet allocation that PodResources does not (yet) report is kept this long before it
+    /// is considered released (the container may not exist yet when PodResources is asked).
+    pub kubelet_alloc_grace: Duration,
+    /// Compact the ledger's log into a snapshot after this many records.
+    pub compact_after: usize,
+    /// How the ledger journal syncs (group commit unless benchmarking).
+    pub sync_mode: SyncMode,
+    /// How often the per-state gauges are recomputed.
+    pub metrics_interval: Duration,
+}
+
+/// Defaults of the timing options, shared by vfplugd's flags and [`AgentOptions::rooted`].
+pub mod defaults {
+    use std::time::Duration;
+
+    /// See [`super::AgentOptions::kubelet_alloc_grace`].
+    pub const KUBELET_ALLOC_GRACE: Duration = Duration::from_secs(60);
+    /// See [`super::AgentOptions::compact_after`].
+    pub const COMPACT_AFTER: usize = 1024;
+    /// See [`super::AgentOptions::metrics_interval`].
+    pub const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 }
 
 impl AgentOptions {
@@ -70,6 +96,11 @@ impl AgentOptions {
             node_socket: Some(root.join("vfplugd.sock")),
             vf_netlink: Arc::new(vfplug_host::sim::SimVfNetlink::default()),
             netdev_ops: Arc::new(vfplug_host::sim::SimNetdevOps::default()),
+            driver_binder: None,
+            kubelet_alloc_grace: defaults::KUBELET_ALLOC_GRACE,
+            compact_after: defaults::COMPACT_AFTER,
+            sync_mode: SyncMode::Group,
+            metrics_interval: defaults::METRICS_INTERVAL,
         }
     }
 }

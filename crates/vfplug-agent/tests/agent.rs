@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use vfplug_agent::wal::Wal;
 use vfplug_agent::{Agent, AgentOptions};
-use vfplug_core::ledger::{Ledger, Owner, Record, VfState};
+use vfplug_core::ledger::{Ledger, Owner, Record, SavedVfState, Step, VfState};
 use vfplug_host::fixture::{SysfsBuilder, VfSpec};
 use vfplug_kubelet::testing::FakeKubelet;
 
@@ -239,6 +239,7 @@ async fn restart_replays_the_ledger_and_vfs_held_by_vfplug_are_unhealthy_and_ref
     let dir = tempfile::tempdir().unwrap();
     let node = build_node(dir.path());
     let held = node.vf_address("0000:3b:00.0", 5).unwrap();
+    let half_done = node.vf_address("0000:3b:00.0", 6).unwrap();
     let kubelet = FakeKubelet::start(&dir.path().join("kubelet"))
         .await
         .unwrap();
@@ -271,11 +272,35 @@ async fn restart_replays_the_ledger_and_vfs_held_by_vfplug_are_unhealthy_and_ref
             ifname: "net1".into(),
         };
         let r = ledger.plan_reserve(held, &owner).unwrap();
+        ledger.apply(&r).unwrap();
+        wal.append(&r, true).unwrap();
+        // ... and finished its ADD (a complete attachment record).
+        let token = r.new_token().unwrap();
+        let r = ledger
+            .plan_advance(
+                held,
+                token,
+                Step::Configure {
+                    saved: SavedVfState::default(),
+                    cni: Some(Box::default()),
+                },
+            )
+            .unwrap();
+        ledger.apply(&r).unwrap();
+        wal.append(&r, true).unwrap();
+        // A second attachment only got as far as its reservation: recovery at start undoes it.
+        let half = Owner {
+            pod: "uid-2".into(),
+            container_id: "c2".into(),
+            ifname: "net1".into(),
+        };
+        let r = ledger.plan_reserve(half_done, &half).unwrap();
         wal.append(&r, true).unwrap();
     }
 
     // Second life: capacity is unchanged, the kubelet's VFs stay healthy (they are the
-    // kubelet's), the reserved one is Unhealthy and Allocate refuses it.
+    // kubelet's), the one a finished ADD holds is Unhealthy and Allocate refuses it; the
+    // half-done one was released at start.
     kubelet.clear_snapshots();
     let (cancel, task, _) = start(dir.path()).await;
     let snap = healthy_count(&kubelet, NET, 7).await;
@@ -290,6 +315,12 @@ async fn restart_replays_the_ledger_and_vfs_held_by_vfplug_are_unhealthy_and_ref
         .await
         .unwrap_err();
     assert!(err.message().contains(&held.to_string()), "{err:?}");
+    assert!(
+        snap.devices
+            .iter()
+            .any(|d| d.id == half_done.to_string() && d.health == "Healthy"),
+        "{snap:?}"
+    );
     // The kubelet re-allocating a device it already holds (after its own restart) is fine.
     kubelet
         .allocate(NET, vec![vec![ids[0].clone()]])

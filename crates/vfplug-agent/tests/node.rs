@@ -604,7 +604,7 @@ async fn failed_restore_quarantines_and_del_still_succeeds() {
     );
     let e = n.state_of(&n.vfs[1].clone()).await;
     assert_eq!(e.state, "quarantined");
-    assert!(e.reason.contains("restore failed"), "{e:?}");
+    assert!(e.reason.contains("restoring VF settings"), "{e:?}");
     // The runtime retries the DEL: still success, still quarantined, never handed out.
     let d2 = n.del("c1", "net1", "").await;
     assert!(!d2.released && d2.note.contains("quarantined"), "{d2:?}");

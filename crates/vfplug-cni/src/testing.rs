@@ -177,6 +177,16 @@ impl node_server::Node for Svc {
         Ok(Response::new(v1::ListResponse::default()))
     }
 
+    /// The CNI shim never asks this (an operator call); refused so a test that reaches it fails.
+    async fn unquarantine(
+        &self,
+        _r: Request<v1::UnquarantineRequest>,
+    ) -> Result<Response<v1::UnquarantineResponse>, Status> {
+        Err(Status::unimplemented(
+            "the CNI shim has no business clearing quarantines",
+        ))
+    }
+
     /// The fake never remembers an earlier ADD: every ADD is a first one. Not recorded, so the
     /// call lists tests inspect are those that act.
     async fn lookup(

@@ -114,7 +114,7 @@ fn main() {
     let t = Instant::now();
     for (n, pci) in addrs.iter().step_by(2).enumerate() {
         let owner = Owner {
-            pod: format!("pod-{n}"),
+            pod: format!("pod-{n}").into(),
             container_id: format!("c{n}"),
             ifname: "net1".into(),
         };

@@ -27,7 +27,11 @@ pub struct PodRef {
 
 impl PodRef {
     /// A pod known by namespace and name (and maybe UID).
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>, uid: impl Into<String>) -> Self {
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        uid: impl Into<String>,
+    ) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),

@@ -48,7 +48,7 @@ use crate::vfconf::{CniAttachment, VlanProto};
 pub type Token = u64;
 
 /// Who holds a VF: one interface of one container of one pod.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Owner {
     /// The pod (older logs hold one string, `namespace/name` or a UID, under `pod` or
     /// `pod_uid`; both still read).
@@ -418,8 +418,8 @@ pub enum LedgerError {
     /// The owner already holds a VF (one VF per pod interface).
     #[error("{owner} already holds VF {pci}")]
     OwnerBusy {
-        /// The owner.
-        owner: Owner,
+        /// The owner (boxed: it is the largest field of any ledger error).
+        owner: Box<Owner>,
         /// The VF it holds.
         pci: PciAddress,
     },
@@ -535,7 +535,8 @@ impl TryFrom<LedgerSnapshot> for Ledger {
 /// The key a claimed kubelet VF returns to kubelet's accounting under: `namespace/name` as
 /// PodResources says it, or the UID for a pod known only by UID (older ledgers).
 fn kubelet_key(pod: &PodRef) -> Option<String> {
-    pod.key().or_else(|| (!pod.uid.is_empty()).then(|| pod.uid.clone()))
+    pod.key()
+        .or_else(|| (!pod.uid.is_empty()).then(|| pod.uid.clone()))
 }
 
 fn illegal(pci: PciAddress, reason: impl Into<String>) -> LedgerError {
@@ -772,13 +773,15 @@ impl Ledger {
         let from = self.state(pci)?;
         if let Some((held, _)) = self.find_by_owner(owner) {
             return Err(LedgerError::OwnerBusy {
-                owner: owner.clone(),
+                owner: Box::new(owner.clone()),
                 pci: held,
             });
         }
         let from_kubelet = match from {
             VfState::Free => false,
-            VfState::KubeletAllocated { pod } if pod.as_ref().is_none_or(|p| owner.pod.is_key(p)) => {
+            VfState::KubeletAllocated { pod }
+                if pod.as_ref().is_none_or(|p| owner.pod.is_key(p)) =>
+            {
                 true
             }
             s => {
@@ -900,15 +903,16 @@ impl Ledger {
                 vm: vm.clone(),
             },
             (Attaching { .. }, Step::AttachFailed) => Configured { lease },
-            (Attaching { alias, vm, .. } | Attached { alias, vm, .. }, Step::Detach { since_ms }) => {
-                Detaching {
-                    lease,
-                    alias: alias.clone(),
-                    vm: vm.clone(),
-                    since_ms: *since_ms,
-                    attempts: 1,
-                }
-            }
+            (
+                Attaching { alias, vm, .. } | Attached { alias, vm, .. },
+                Step::Detach { since_ms },
+            ) => Detaching {
+                lease,
+                alias: alias.clone(),
+                vm: vm.clone(),
+                since_ms: *since_ms,
+                attempts: 1,
+            },
             (
                 Detaching {
                     alias,
@@ -1134,7 +1138,7 @@ impl Ledger {
                     && held != pci
                 {
                     return Err(LedgerError::OwnerBusy {
-                        owner: owner.clone(),
+                        owner: Box::new(owner.clone()),
                         pci: held,
                     });
                 }

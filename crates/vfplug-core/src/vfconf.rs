@@ -303,7 +303,7 @@ pub struct NetdevPlacement {
 }
 
 /// What a CNI ADD did to a VF, kept in its lease: enough for DEL, CHECK and GC without any cache.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CniAttachment {
     /// The CNI network name (GC is scoped by it).
     pub network: String,
@@ -326,6 +326,35 @@ pub struct CniAttachment {
     /// answered without allocating again.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ipam_result: String,
+    /// Whether the ADD finished (settings applied, netdev placed). `false` from the write-ahead
+    /// record until the ADD's last record: a restart undoes an ADD that never finished, as DEL
+    /// would. Older logs lack the field; their attachments were complete.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub complete: bool,
+}
+
+impl Default for CniAttachment {
+    fn default() -> Self {
+        Self {
+            network: String::new(),
+            netns: String::new(),
+            mode: AttachMode::default(),
+            config: VfConfig::default(),
+            skipped: Vec::new(),
+            netdev: None,
+            ips: Vec::new(),
+            ipam_result: String::new(),
+            complete: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[cfg(test)]

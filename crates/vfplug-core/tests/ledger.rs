@@ -89,9 +89,7 @@ fn full_vm_lifecycle_and_replay() {
             },
         )
     });
-    commit(&mut l, &mut log, |l| {
-        l.plan_advance(p, t, Step::Attached)
-    });
+    commit(&mut l, &mut log, |l| l.plan_advance(p, t, Step::Attached));
     assert_eq!(l.get(&p).unwrap().kind(), StateKind::Attached);
     commit(&mut l, &mut log, |l| {
         l.plan_advance(p, t, Step::Detach { since_ms: 1000 })
@@ -189,7 +187,7 @@ fn reserve_rules() {
     assert_eq!(
         l.plan_reserve(pci(1), &owner(1)),
         Err(LedgerError::OwnerBusy {
-            owner: owner(1),
+            owner: Box::new(owner(1)),
             pci: pci(0)
         })
     );

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use vfplug_agent::options::{AgentOptions, Registration};
+use vfplug_agent::options::{AgentOptions, Registration, SyncMode};
 
 /// SR-IOV virtual functions for Kubernetes: device plugin, CNI backend and hotplug executor.
 #[derive(Debug, Parser)]
@@ -53,6 +53,13 @@ struct Args {
     /// Interval of the kubelet PodResources poll in seconds.
     #[arg(long, env = "VFPLUG_PODRESOURCES_SECONDS", default_value_t = 5)]
     podresources_seconds: u64,
+    /// Seconds a kubelet allocation that PodResources does not report is kept before its VF
+    /// counts as free again (the pod's container may not exist yet when PodResources is asked).
+    #[arg(long, env = "VFPLUG_KUBELET_ALLOC_GRACE_SECONDS", default_value_t = 60)]
+    kubelet_alloc_grace_seconds: u64,
+    /// Compact the ledger's log into a snapshot after this many records.
+    #[arg(long, env = "VFPLUG_LEDGER_COMPACT_AFTER", default_value_t = 1024)]
+    ledger_compact_after: usize,
     /// The node API socket (gRPC, root-only) that the `vfplug` CNI plugin talks to.
     #[arg(
         long,
@@ -153,6 +160,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         netdev_ops: Arc::new(
             vfplug_host::netdev::RtNetdevOps::new().context("opening vfplugd's own netns")?,
         ),
+        driver_binder: None,
+        kubelet_alloc_grace: Duration::from_secs(args.kubelet_alloc_grace_seconds),
+        compact_after: args.ledger_compact_after.max(1),
+        sync_mode: SyncMode::Group,
+        metrics_interval: vfplug_agent::options::defaults::METRICS_INTERVAL,
     };
 
     let cancel = CancellationToken::new();
@@ -169,9 +181,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("binding the HTTP endpoint {}", args.http_addr))?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    agent.wait().await.context("agent stopped with an error")?;
+    // The HTTP endpoint is critical too: without /readyz and /metrics the DaemonSet is blind.
+    let agent_done = agent.wait();
+    tokio::pin!(agent_done);
+    tokio::pin!(http);
+    let outcome = tokio::select! {
+        r = &mut agent_done => r.context("agent stopped with an error"),
+        r = &mut http => {
+            if cancel.is_cancelled() {
+                agent_done.await.context("agent stopped with an error")
+            } else {
+                cancel.cancel();
+                let _ = agent_done.await;
+                match r {
+                    Ok(()) => Err(anyhow::anyhow!("the HTTP endpoint stopped")),
+                    Err(e) => Err(anyhow::anyhow!("the HTTP endpoint task failed: {e}")),
+                }
+            }
+        }
+    };
     cancel.cancel();
-    let _ = http.await;
+    outcome?;
     tracing::info!("vfplugd stopped");
     Ok(())
 }
@@ -180,12 +210,22 @@ fn spawn_signal_handler(cancel: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        cancel.cancel();
-    });
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            cancel.cancel();
+            // A second signal means "now": do not wait for the orderly shutdown.
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            tracing::warn!("second signal: aborting");
+            std::process::exit(130);
+        },
+        tracing::info_span!("signals"),
+    ));
     Ok(())
 }

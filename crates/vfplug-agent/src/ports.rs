@@ -1,0 +1,291 @@
+//! The agent's side of the executor's ports: the live ledger under the short state lock with
+//! the group-committed journal behind it ([`crate::store`]), the node's view of VFs and pools,
+//! and the pool policy of an ADD (which VF an attachment gets).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+use vfplug_core::ledger::{Ledger, LedgerError, Record, VfState};
+use vfplug_core::{PciAddress, PoolConfig};
+use vfplug_executor::{ErrorKind, ExecError, LedgerPort, ReserveRequest, Reserved, VfFacts};
+
+use crate::engine::{Shared, State, lock};
+use crate::pools::{resolve_pool, vf_healthy};
+
+/// How long an ADD waits for a one-off PodResources answer when it must learn which of the
+/// pool's kubelet-allocated VFs is its pod's.
+const PODRESOURCES_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The executor's ledger port over the agent's shared state.
+#[derive(Debug, Clone)]
+pub struct AgentLedger {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn store_err(e: impl std::fmt::Display) -> ExecError {
+    ExecError::internal("ledger write", e)
+}
+
+/// The resource name of the pool a VF is in.
+pub(crate) fn pool_of_vf(st: &State, pci: PciAddress) -> Option<&String> {
+    st.members
+        .iter()
+        .find(|(_, m)| m.contains(&pci))
+        .map(|(r, _)| r)
+}
+
+pub(crate) fn facts(st: &State, pci: PciAddress) -> Result<VfFacts, ExecError> {
+    let vf = st.inventory.vfs.get(&pci).ok_or_else(|| {
+        ExecError::new(ErrorKind::NoSuchDevice, format!("no VF {pci} on this node"))
+    })?;
+    let (resource, pool) = pool_of_vf(st, pci)
+        .and_then(|r| resolve_pool(st, r))
+        .ok_or_else(|| {
+            ExecError::new(
+                ErrorKind::NoSuchDevice,
+                format!("VF {pci} is not in any pool of vfplugd's config"),
+            )
+        })?;
+    Ok(VfFacts {
+        pci,
+        pf_pci: vf.pf,
+        pf_netdev: vf.pf_netdev.clone(),
+        vf_index: vf.vf_index,
+        driver: vf.driver.clone(),
+        resource,
+        pool: pool.clone(),
+    })
+}
+
+/// The VFs of a pool that an ADD without deviceID may take: Free in the ledger and healthy as
+/// the device plugin reports them. ADD picks from these and STATUS counts them, so the two can
+/// never disagree.
+pub(crate) fn free_vfs<'a>(
+    st: &'a State,
+    resource: &str,
+    pool: &'a PoolConfig,
+) -> impl Iterator<Item = PciAddress> + 'a {
+    st.members
+        .get(resource)
+        .into_iter()
+        .flatten()
+        .filter_map(|pci| st.inventory.vfs.get(pci))
+        .filter(move |vf| {
+            matches!(st.ledger.get(&vf.pci), None | Some(VfState::Free)) && vf_healthy(st, pool, vf)
+        })
+        .map(|vf| vf.pci)
+}
+
+/// What the pool `resource` holds for the pod of `req`, by the kubelet: (known to be the pod's,
+/// allocated to a pod not yet known).
+fn kubelet_vfs_of_pod(
+    st: &State,
+    resource: &str,
+    req: &ReserveRequest,
+) -> (Vec<PciAddress>, usize) {
+    let mut mine = Vec::new();
+    let mut unknown = 0;
+    for pci in st.members.get(resource).into_iter().flatten() {
+        if let Some(VfState::KubeletAllocated { pod }) = st.ledger.get(pci) {
+            match pod {
+                Some(p) if req.owner.pod.is_key(p) => mine.push(*pci),
+                Some(_) => {}
+                None => unknown += 1,
+            }
+        }
+    }
+    (mine, unknown)
+}
+
+/// Every kubelet-allocated VF of the pod, with its pool: for the error of an ADD that names
+/// neither deviceID nor pool.
+fn kubelet_vfs_of(st: &State, req: &ReserveRequest) -> Vec<(PciAddress, String)> {
+    st.ledger
+        .iter()
+        .filter_map(|(pci, s)| match s {
+            VfState::KubeletAllocated { pod: Some(p) } if req.owner.pod.is_key(p) => {
+                pool_of_vf(st, *pci).map(|r| (*pci, r.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+enum Pick {
+    /// Reserve these records (one or two) for this VF.
+    Records(PciAddress, Vec<Record>),
+    /// Ask PodResources which pod has which VF, then pick again.
+    AskKubelet,
+}
+
+impl AgentLedger {
+    /// The port over `shared`.
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Plans the reservation under the state lock.
+    fn pick(&self, st: &State, req: &ReserveRequest, asked: bool) -> Result<Pick, ExecError> {
+        let owner = &req.owner;
+        let ledger_err = |e: &LedgerError| ExecError::ledger(e);
+        if let Some(pci) = req.device {
+            let f = facts(st, pci)?;
+            if let Some(pool) = &req.pool
+                && resolve_pool(st, pool).map(|p| p.0) != Some(f.resource.clone())
+            {
+                warn!(%pci, pool = %pool, actual = %f.resource, "deviceID given: the pool key is ignored");
+            }
+            // A deviceID comes from the kubelet's allocation for this pod (Multus reads it from
+            // the kubelet's checkpoint). If the ledger has not heard of that allocation (vfplugd
+            // restarted since), ask PodResources once, so the lease is the kubelet's: it stays
+            // Healthy towards the kubelet (counted once) and returns to its accounting.
+            if matches!(st.ledger.get(&pci), Some(VfState::Free))
+                && !asked
+                && owner.pod.key().is_some()
+            {
+                return Ok(Pick::AskKubelet);
+            }
+            let records = vec![
+                st.ledger
+                    .plan_reserve(pci, owner)
+                    .map_err(|e| ledger_err(&e))?,
+            ];
+            return Ok(Pick::Records(pci, records));
+        }
+        let Some(pool) = req.pool.as_deref() else {
+            let held = kubelet_vfs_of(st, req);
+            let hint = match held.first() {
+                Some((pci, resource)) => format!(
+                    "; the kubelet gave this pod VF {pci} of {resource}: annotate the \
+                     NetworkAttachmentDefinition with k8s.v1.cni.cncf.io/resourceName: {resource} \
+                     so Multus passes it as deviceID, or set \"pool\": \"{resource}\""
+                ),
+                None => String::new(),
+            };
+            return Err(ExecError::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "neither deviceID nor pool is set; vfplug needs the VF's PCI address or a pool{hint}"
+                ),
+            ));
+        };
+        let (resource, pool_cfg) = resolve_pool(st, pool).ok_or_else(|| {
+            ExecError::new(
+                ErrorKind::NoSuchDevice,
+                format!("pool {pool:?} is not in vfplugd's config"),
+            )
+        })?;
+        // The pod's own kubelet allocation in this pool comes first: the pod asked the kubelet
+        // for it (limits) and its PCIDEVICE_* env names it.
+        let (mine, unknown) = kubelet_vfs_of_pod(st, &resource, req);
+        if let Some(pci) = mine.first() {
+            let r = st
+                .ledger
+                .plan_reserve(*pci, owner)
+                .map_err(|e| ledger_err(&e))?;
+            return Ok(Pick::Records(*pci, vec![r]));
+        }
+        if unknown > 0 && !asked && owner.pod.key().is_some() {
+            return Ok(Pick::AskKubelet);
+        }
+        let pci = free_vfs(st, &resource, pool_cfg).next().ok_or_else(|| {
+            ExecError::new(
+                ErrorKind::TryAgain,
+                format!("pool {resource} has no free, healthy VF"),
+            )
+        })?;
+        let r = st
+            .ledger
+            .plan_reserve(pci, owner)
+            .map_err(|e| ledger_err(&e))?;
+        Ok(Pick::Records(pci, vec![r]))
+    }
+}
+
+impl LedgerPort for AgentLedger {
+    async fn commit<F>(&self, plan: F) -> Result<Record, ExecError>
+    where
+        F: FnOnce(&Ledger) -> Result<Record, LedgerError> + Send,
+    {
+        let (rec, ticket) = {
+            let mut st = lock(&self.shared.state);
+            let rec = plan(&st.ledger).map_err(|e| ExecError::ledger(&e))?;
+            let ticket = self
+                .shared
+                .commit_one(&mut st, rec.clone())
+                .map_err(|e| ExecError::ledger(&e))?;
+            (rec, ticket)
+        };
+        self.shared
+            .journal
+            .durable(ticket)
+            .await
+            .map_err(store_err)?;
+        Ok(rec)
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
+        f(&lock(&self.shared.state).ledger)
+    }
+
+    fn vf(&self, pci: PciAddress) -> Result<VfFacts, ExecError> {
+        facts(&lock(&self.shared.state), pci)
+    }
+
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Reserved, ExecError> {
+        let mut asked = false;
+        loop {
+            let picked = {
+                let mut st = lock(&self.shared.state);
+                match self.pick(&st, req, asked)? {
+                    Pick::Records(pci, records) => {
+                        let token =
+                            records.last().and_then(Record::new_token).ok_or_else(|| {
+                                ExecError::internal("ledger", "reservation issued no token")
+                            })?;
+                        let f = facts(&st, pci)?;
+                        let ticket = self
+                            .shared
+                            .commit_all(&mut st, records)
+                            .map_err(|e| ExecError::ledger(&e))?;
+                        Some((ticket, token, f))
+                    }
+                    Pick::AskKubelet => None,
+                }
+            };
+            match picked {
+                Some((ticket, token, facts)) => {
+                    self.shared
+                        .journal
+                        .durable(ticket)
+                        .await
+                        .map_err(store_err)?;
+                    return Ok(Reserved { token, facts });
+                }
+                None => {
+                    asked = true;
+                    debug!(attachment = %req.owner, "asking PodResources which VFs the pod holds");
+                    if let Err(e) =
+                        crate::kubelet::ask_podresources(&self.shared, PODRESOURCES_ASK_TIMEOUT)
+                            .await
+                    {
+                        info!(error = %e, "PodResources did not answer; picking a free VF of the pool");
+                    }
+                }
+            }
+        }
+    }
+
+    fn lease_ended(&self, pci: PciAddress, facts: Option<&VfFacts>) {
+        // A VF back in the kubelet's accounting still belongs to the pod the kubelet gave it
+        // to; its device-info file goes when the kubelet lets go (see `kubelet`).
+        let free = matches!(
+            lock(&self.shared.state).ledger.get(&pci),
+            None | Some(VfState::Free)
+        );
+        if let (true, Some(f)) = (free, facts) {
+            crate::kubelet::remove_device_info(&self.shared, &f.resource, pci);
+        }
+    }
+}
