@@ -9,9 +9,16 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use vfplug_api::{CniCode, v1};
 use vfplug_cni::devinfo::DeviceInfo;
-use vfplug_cni::testing::{Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, tempdir};
+use vfplug_cni::testing::{
+    Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, require, tempdir,
+};
 
 const NETNS: &str = "/var/run/netns/pod-x";
+
+/// Debian's host-local (package containernetworking-plugins).
+const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
+const HOST_LOCAL_MISSING: &str =
+    "/usr/lib/cni/host-local is missing (apt-get install containernetworking-plugins)";
 
 fn plugin() -> Plugin {
     Plugin::new(env!("CARGO_BIN_EXE_vfplug"))
@@ -668,12 +675,11 @@ fn a_hanging_ipam_plugin_is_killed_at_the_timeout() {
 /// convention holds with a real plugin, and DEL releases what ADD allocated.
 #[test]
 fn real_host_local_ipam() {
-    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
-    if !host_local.exists() {
-        eprintln!(
-            "SKIP real_host_local_ipam because {} is missing (apt-get install containernetworking-plugins)",
-            host_local.display()
-        );
+    if !require(
+        std::path::Path::new(HOST_LOCAL).exists(),
+        "real_host_local_ipam",
+        HOST_LOCAL_MISSING,
+    ) {
         return;
     }
     let dir = tempdir().unwrap();
@@ -809,12 +815,11 @@ fn ipam_plugin_whose_version_fails_gets_the_config_as_is() {
 /// work through negotiation.
 #[test]
 fn real_host_local_with_a_1_1_0_config() {
-    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
-    if !host_local.exists() {
-        eprintln!(
-            "SKIP real_host_local_with_a_1_1_0_config because {} is missing (apt-get install containernetworking-plugins)",
-            host_local.display()
-        );
+    if !require(
+        std::path::Path::new(HOST_LOCAL).exists(),
+        "real_host_local_with_a_1_1_0_config",
+        HOST_LOCAL_MISSING,
+    ) {
         return;
     }
     let dir = tempdir().unwrap();
