@@ -328,7 +328,7 @@ fn bad_inputs_fail_with_the_right_code_and_change_nothing() {
         (
             "bad cniVersion",
             vec![],
-            json!({"cniVersion": "0.3.1"}),
+            json!({"cniVersion": "1.2.0"}),
             1,
             "cniVersion",
         ),
