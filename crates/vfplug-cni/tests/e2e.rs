@@ -1,9 +1,9 @@
 //! End to end: the real `vfplug` binary, exec'd as a runtime does, against the real `vfplugd`
 //! on a fake SR-IOV node whose VF netdevs are real veth links, into real network namespaces,
 //! with Debian's real `host-local` as the delegated IPAM (it speaks CNI up to 1.0.0; the configs
-//! here are 1.1.0, so every call also goes through version negotiation, except the 0.3.1 and
-//! 0.2.0 ones of `older_cni_versions_add_and_del`). The harness is
-//! `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise.
+//! here are 1.1.0, so those calls are also lowered by version negotiation; 0.3.1 and 0.2.0 ones
+//! in `older_cni_versions_add_and_del`). The harness is `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise
+//! (fails under `VFPLUG_REQUIRE=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,10 +11,11 @@ mod common;
 use common::{CNI_DIR, Host, Pod, link, links_in, missing_prerequisite};
 use serde_json::{Value, json};
 
-/// The host, or `None` after printing why the test cannot run here.
+/// The host, or `None` after printing why the test cannot run here (a failure instead under
+/// `VFPLUG_REQUIRE=1`).
 fn host(test: &str, vfs: u32) -> Option<Host> {
     if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP {test}: {why}");
+        vfplug_cni::testing::require(false, test, &why);
         return None;
     }
     Some(Host::start(vfs))
