@@ -212,14 +212,14 @@ impl NetConf {
             .cloned()
             .collect();
 
+        // libcni reads a config without `cniVersion` (or with "") as 0.1.0
+        // (pkg/types/create/create.go, `DecodeVersion`), and so does sriov-cni.
         let cni_version: CniVersion = match r.take("cniVersion") {
-            None => {
-                return Err(CniError::version(format!(
-                    "cniVersion is missing (supported: {})",
-                    CniVersion::supported_list()
-                )));
-            }
-            Some(v) => as_str("cniVersion", v)?.parse()?,
+            None => CniVersion::OLDEST,
+            Some(v) => match as_str("cniVersion", v)?.as_str() {
+                "" => CniVersion::OLDEST,
+                s => s.parse()?,
+            },
         };
         cni_version.allows(command)?;
         let name = r
@@ -329,9 +329,10 @@ impl NetConf {
         let log_file = r.soft_take("logFile", |v| abs_path("logFile", v))?;
 
         // prevResult is the runtime's: malformed means "cannot decode" (6). DEL only uses it
-        // as a hint, so there it is skipped (lenient).
+        // as a hint, so there it is skipped (lenient). It is read in its own version's shape,
+        // else the config's, and converted up (libcni's `ParsePrevResult`).
         let prev_result = r.soft_take("prevResult", |v| {
-            CniResult::from_value(v, "prevResult").map_err(CniError::decode)
+            CniResult::decode(v, cni_version, "prevResult").map_err(CniError::decode)
         })?;
 
         let valid = r.take(VALID_ATTACHMENTS);
@@ -364,17 +365,21 @@ impl NetConf {
     }
 
     /// The cniVersion a config declares, if it can be read at all, for the version of an error
-    /// printed when the rest of the config is bad.
+    /// printed when the rest of the config is bad (an object without one is 0.1.0's, as
+    /// above).
     pub fn peek_version(stdin: &[u8]) -> Option<CniVersion> {
         #[derive(Deserialize)]
         struct V {
-            #[serde(rename = "cniVersion")]
-            v: String,
+            #[serde(rename = "cniVersion", default)]
+            v: Option<String>,
         }
         if stdin.len() > MAX_CONFIG_BYTES {
             return None;
         }
-        serde_json::from_slice::<V>(stdin).ok()?.v.parse().ok()
+        match serde_json::from_slice::<V>(stdin).ok()?.v.as_deref() {
+            None | Some("") => Some(CniVersion::OLDEST),
+            Some(s) => s.parse().ok(),
+        }
     }
 }
 

@@ -82,6 +82,20 @@ impl Invocation {
                      vfplug needs the VF's PCI address or a pool to allocate one from",
                 ));
             }
+            // A 0.1.0/0.2.0 result is nothing but ip4/ip6 objects; without an address it cannot
+            // be written (libcni: "cannot convert: no valid IP addresses"), so refuse before
+            // any VF is touched rather than after.
+            Command::Add
+                if conf.cni_version.is_legacy()
+                    && conf.ipam.is_none()
+                    && conf.prev_result.as_ref().is_none_or(|p| p.ips.is_empty()) =>
+            {
+                return Err(CniError::config(format!(
+                    "ipam: a cniVersion {} result is an ip4/ip6 object and needs an address, so \
+                     this config needs ipam (or cniVersion 0.3.0 or later)",
+                    conf.cni_version
+                )));
+            }
             Command::Check if conf.prev_result.is_none() => {
                 return Err(CniError::config(
                     "prevResult: CHECK needs the result of the previous ADD",

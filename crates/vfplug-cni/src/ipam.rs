@@ -6,10 +6,11 @@
 //! 1.0.0 and answers a 1.1.0 config with error 1). So before the first delegated call the plugin
 //! is asked `VERSION`; if it does not support the config's version, it gets the config with
 //! `cniVersion` lowered to the newest version both support ([`negotiate`], [`lower_config`]),
-//! and its result is read as that version and written out in ours (the IPAM result has the same
-//! shape in 1.0 and 1.1; 0.4.0's `ips[].version` is dropped). A plugin whose `VERSION` fails or
-//! cannot be read is delegated to as-is. STATUS and GC (1.1 only) are not delegated to a plugin
-//! that does not support 1.1.0.
+//! and its result is read as that version and converted up into the internal form (as
+//! sriov-cni does with libcni's `NewResultFromResult`), then written out in the config's version
+//! with the rest of the ADD result. A plugin whose `VERSION` fails or cannot be read is
+//! delegated to as-is. STATUS and GC (1.1 only) are not delegated to a plugin that does not
+//! support 1.1.0.
 //!
 //! A plugin that fails and prints a CNI error is passed through with its own code and details;
 //! any other failure (no error JSON, a crash, no answer within `timeoutSeconds`, a result that
@@ -114,28 +115,29 @@ pub fn negotiate(ours: CniVersion, supported: &[String]) -> Option<CniVersion> {
         .find(|v| supported.iter().any(|s| s == v.as_str()))
 }
 
-/// `stdin` (a JSON object) with `cniVersion` set to `to`, and a `prevResult` that decodes
-/// written in `to` too (libcni decodes `prevResult` as the config's version). Keys other than
-/// those two are passed unchanged (their order may change).
-pub fn lower_config(stdin: &[u8], to: CniVersion) -> Result<Vec<u8>, String> {
+/// `stdin` (a JSON object of version `from`) with `cniVersion` set to `to`, and a `prevResult`
+/// that decodes written in `to` too (libcni decodes `prevResult` as the config's version). Keys
+/// other than those two are passed unchanged (their order may change). Fails when the
+/// `prevResult` cannot be written in `to` (0.2.0 and no address).
+pub fn lower_config(stdin: &[u8], from: CniVersion, to: CniVersion) -> Result<Vec<u8>, String> {
     let mut v: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| e.to_string())?;
     let obj = v
         .as_object_mut()
         .ok_or_else(|| "the config is not a JSON object".to_owned())?;
     obj.insert("cniVersion".into(), to.as_str().into());
     if let Some(prev) = obj.get_mut("prevResult")
-        && let Ok(r) = CniResult::from_value(prev.clone(), "prevResult")
-        && let Ok(shaped) = serde_json::to_value(r.shaped(to))
+        && let Ok(r) = CniResult::decode(prev.clone(), from, "prevResult")
     {
-        *prev = shaped;
+        let lowered = r.to_version(to)?;
+        *prev = serde_json::to_value(lowered).map_err(|e| e.to_string())?;
     }
     serde_json::to_vec(&v).map_err(|e| e.to_string())
 }
 
 impl Delegate<'_> {
-    /// What the plugin is sent: asks its `VERSION` once (not for 0.4.0, the oldest version we
-    /// support: there is nothing to lower to). A timeout is an error (code 105); any other
-    /// failure delegates as-is.
+    /// What the plugin is sent: asks its `VERSION` once (not for 0.1.0, the oldest version: there
+    /// is nothing to lower to). A timeout is an error (code 105); any other failure delegates
+    /// as-is.
     pub async fn negotiated(&self) -> Result<&Negotiated, CniError> {
         self.negotiated
             .get_or_try_init(|| async {
@@ -143,7 +145,7 @@ impl Delegate<'_> {
                     version,
                     stdin: self.stdin.to_vec(),
                 };
-                if self.version == CniVersion::V0_4_0 {
+                if self.version == CniVersion::OLDEST {
                     return Ok(as_is(Some(self.version)));
                 }
                 let probe = format!(r#"{{"cniVersion":"{}"}}"#, self.version);
@@ -164,7 +166,7 @@ impl Delegate<'_> {
                 };
                 match negotiate(self.version, &supported) {
                     Some(v) if v == self.version => Ok(as_is(Some(v))),
-                    Some(v) => match lower_config(self.stdin, v) {
+                    Some(v) => match lower_config(self.stdin, self.version, v) {
                         Ok(stdin) => {
                             debug!(plugin = %self.name, from = %self.version, to = %v, "delegating with a lowered cniVersion");
                             Ok(Negotiated { version: Some(v), stdin })
@@ -294,10 +296,12 @@ impl Delegate<'_> {
         ))
     }
 
-    /// ADD: the addresses, routes and DNS the plugin allocated.
+    /// ADD: the addresses, routes and DNS the plugin allocated, in the internal form (read as
+    /// the version it was sent; libcni's `ExecPluginWithResult`).
     pub async fn add(&self) -> Result<CniResult, CniError> {
         let out = self.exec(Command::Add).await?;
-        CniResult::from_slice(&out, "").map_err(|e| {
+        let sent = self.negotiated().await?.version.unwrap_or(self.version);
+        CniResult::decode_slice(&out, sent, "").map_err(|e| {
             CniError::new(
                 CniCode::Ipam,
                 format!(
@@ -382,7 +386,15 @@ mod tests {
             negotiate(CniVersion::V1_1_0, &list(&["0.4.0"])),
             Some(CniVersion::V0_4_0)
         );
-        assert_eq!(negotiate(CniVersion::V1_1_0, &list(&["0.3.1"])), None);
+        assert_eq!(
+            negotiate(CniVersion::V1_1_0, &list(&["0.3.1"])),
+            Some(CniVersion::V0_3_1)
+        );
+        assert_eq!(
+            negotiate(CniVersion::V0_3_1, &list(&["0.1.0", "0.2.0"])),
+            Some(CniVersion::V0_2_0)
+        );
+        assert_eq!(negotiate(CniVersion::V0_2_0, &list(&["0.3.1"])), None);
         assert_eq!(negotiate(CniVersion::V0_4_0, &list(&["1.0.0"])), None);
         assert_eq!(negotiate(CniVersion::V1_1_0, &[]), None);
     }
@@ -395,8 +407,10 @@ mod tests {
               "interfaces":[{"name":"net1","mtu":1500,"pciID":"0000:3b:02.1","sandbox":"/n"}],
               "ips":[{"address":"10.0.0.2/24","interface":0}],
               "routes":[{"dst":"0.0.0.0/0","table":100}]}}"#;
-        let out: serde_json::Value =
-            serde_json::from_slice(&lower_config(conf, CniVersion::V1_0_0).unwrap()).unwrap();
+        let out: serde_json::Value = serde_json::from_slice(
+            &lower_config(conf, CniVersion::V1_1_0, CniVersion::V1_0_0).unwrap(),
+        )
+        .unwrap();
         let orig: serde_json::Value = serde_json::from_slice(conf).unwrap();
         assert_eq!(out["cniVersion"], "1.0.0");
         assert_eq!(out["ipam"], orig["ipam"]);
@@ -408,10 +422,24 @@ mod tests {
                 "ips": [{"address": "10.0.0.2/24", "interface": 0}],
                 "routes": [{"dst": "0.0.0.0/0"}]})
         );
-        let out: serde_json::Value =
-            serde_json::from_slice(&lower_config(conf, CniVersion::V0_4_0).unwrap()).unwrap();
+        let out: serde_json::Value = serde_json::from_slice(
+            &lower_config(conf, CniVersion::V1_1_0, CniVersion::V0_4_0).unwrap(),
+        )
+        .unwrap();
         assert_eq!(out["prevResult"]["ips"][0]["version"], "4");
-        assert!(lower_config(b"[1]", CniVersion::V1_0_0).is_err());
-        assert!(lower_config(b"{", CniVersion::V1_0_0).is_err());
+        // Down to 0.2.0: libcni's ip4/ip6 form; without an address it cannot be written.
+        let out: serde_json::Value = serde_json::from_slice(
+            &lower_config(conf, CniVersion::V1_1_0, CniVersion::V0_2_0).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            out["prevResult"],
+            serde_json::json!({"cniVersion": "0.2.0",
+                "ip4": {"ip": "10.0.0.2/24", "routes": [{"dst": "0.0.0.0/0"}]}, "dns": {}})
+        );
+        let no_ip = br#"{"cniVersion":"0.3.1","prevResult":{"interfaces":[{"name":"a"}]}}"#;
+        assert!(lower_config(no_ip, CniVersion::V0_3_1, CniVersion::V0_2_0).is_err());
+        assert!(lower_config(b"[1]", CniVersion::V1_1_0, CniVersion::V1_0_0).is_err());
+        assert!(lower_config(b"{", CniVersion::V1_1_0, CniVersion::V1_0_0).is_err());
     }
 }

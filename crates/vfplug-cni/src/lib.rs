@@ -36,5 +36,5 @@ pub use config::NetConf;
 pub use env::{CniArgs, CniEnv, Command};
 pub use error::CniError;
 pub use invocation::{Invocation, MacSource};
-pub use result::{CniResult, ErrorResult};
+pub use result::{CniResult, ErrorResult, Result020, VersionedResult};
 pub use version::{CniVersion, VersionInfo};

@@ -169,9 +169,10 @@ pub fn gc_request(inv: &Invocation) -> Result<v1::GcRequest, CniError> {
     })
 }
 
-/// The ADD result: `prevResult`'s interfaces, addresses and routes first (chaining), then this
-/// attachment's interface and the IPAM plugin's addresses (pointing at that interface), routes
-/// and DNS; written in the config's version.
+/// The ADD result in the internal form: `prevResult`'s interfaces, addresses and routes first
+/// (chaining), then this attachment's interface and the IPAM plugin's addresses (pointing at
+/// that interface), routes and DNS. [`CniResult::to_version`] writes it in the config's
+/// version.
 pub fn add_result(inv: &Invocation, resp: &v1::AddResponse, ipam: Option<&CniResult>) -> CniResult {
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let mut out = inv
@@ -198,5 +199,5 @@ pub fn add_result(inv: &Invocation, resp: &v1::AddResponse, ipam: Option<&CniRes
             out.dns = r.dns.clone();
         }
     }
-    out.shaped(inv.version())
+    out
 }

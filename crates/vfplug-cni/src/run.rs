@@ -100,6 +100,18 @@ async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String
         Some(d) => Some(d.add().await?),
         None => None,
     };
+    if let Some(d) = delegate
+        && let Err(e) = expressible(inv, ipam_result.as_ref())
+    {
+        // Before Node.Add, so nothing but the lease needs undoing.
+        if let Err(rb) = d.run(Command::Del).await {
+            warn!(error = %rb.msg, "rollback: IPAM DEL after an address-less IPAM result failed too");
+        }
+        return Err(CniError::new(
+            CniCode::Ipam,
+            format!("ipam plugin {:?} returned no IP address: {e}", d.name),
+        ));
+    }
     let mut req = mapping::add_request(inv, ipam_result.as_ref())?;
     if let Some(r) = &ipam_result {
         req.ipam_result = serde_json::to_string(r).map_err(|e| {
@@ -131,6 +143,24 @@ async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String
     finish_add(inv, &resp, ipam_result.as_ref())
 }
 
+/// Whether the result can be written in the config's version (0.1.0/0.2.0 need an address).
+fn expressible(inv: &Invocation, ipam_result: Option<&CniResult>) -> Result<(), String> {
+    let version = inv.version();
+    if !version.is_legacy() {
+        return Ok(());
+    }
+    let prev = inv.conf.as_ref().and_then(|c| c.prev_result.as_ref());
+    let any_ip =
+        prev.is_some_and(|p| !p.ips.is_empty()) || ipam_result.is_some_and(|r| !r.ips.is_empty());
+    if any_ip {
+        Ok(())
+    } else {
+        Err(format!(
+            "a cniVersion {version} result is an ip4/ip6 object and needs one"
+        ))
+    }
+}
+
 /// Writes the device-info file if asked and prints the result.
 fn finish_add(
     inv: &Invocation,
@@ -147,7 +177,9 @@ fn finish_add(
             warn!(path = %path.display(), "cannot write the device-info file: {e}");
         }
     }
-    let result = mapping::add_result(inv, resp, ipam_result);
+    let result = mapping::add_result(inv, resp, ipam_result)
+        .to_version(inv.version())
+        .map_err(|e| CniError::new(CniCode::Internal, format!("cannot write the result: {e}")))?;
     serde_json::to_string(&result)
         .map_err(|e| CniError::new(CniCode::Internal, format!("cannot encode the result: {e}")))
 }

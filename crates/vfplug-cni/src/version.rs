@@ -1,8 +1,13 @@
 //! CNI spec versions the shim speaks, and which commands each allows.
 //!
-//! Supported: 0.4.0 (CHECK and DEL's `prevResult` appeared there, so older configs cannot be
-//! handled the way DEL needs), 1.0.0 and 1.1.0. STATUS and GC exist only from 1.1.0: a config
-//! of an older version that asks for them gets code 1, as libcni's own plugin skeleton does.
+//! Supported: every version libcni's `version.All` lists (0.1.0 to 1.1.0), as sriov-cni v2.10.0
+//! does (`skel.PluginMainFuncs(.., version.All, ..)`, cmd/sriov/main.go). The result has three
+//! shapes (libcni's `pkg/types/{020,040,100}`): 0.1.0/0.2.0 `ip4`/`ip6`; 0.3.0 to 0.4.0
+//! `interfaces` and `ips[].version`; 1.x without `ips[].version` (see [`crate::result`]).
+//!
+//! Commands per version, as libcni's plugin skeleton (pkg/skel/skel.go) enforces them: CHECK
+//! needs 0.4.0 or later, STATUS and GC 1.1.0 or later; an older config that asks for them gets
+//! code 1.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,7 +20,15 @@ use crate::error::CniError;
 /// A CNI spec version this plugin supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CniVersion {
-    /// 0.4.0: CHECK; results carry `ips[].version`.
+    /// 0.1.0: results are `ip4`/`ip6` objects (as 0.2.0).
+    V0_1_0,
+    /// 0.2.0: VERSION; results are `ip4`/`ip6` objects.
+    V0_2_0,
+    /// 0.3.0: results carry `interfaces`, `ips[].version` and `ips[].interface`; chaining.
+    V0_3_0,
+    /// 0.3.1: as 0.3.0.
+    V0_3_1,
+    /// 0.4.0: CHECK, DEL's `prevResult`; results as 0.3.x.
     V0_4_0,
     /// 1.0.0: `ips[].version` gone.
     V1_0_0,
@@ -25,7 +38,18 @@ pub enum CniVersion {
 
 impl CniVersion {
     /// All supported versions, oldest first.
-    pub const ALL: [CniVersion; 3] = [Self::V0_4_0, Self::V1_0_0, Self::V1_1_0];
+    pub const ALL: [CniVersion; 7] = [
+        Self::V0_1_0,
+        Self::V0_2_0,
+        Self::V0_3_0,
+        Self::V0_3_1,
+        Self::V0_4_0,
+        Self::V1_0_0,
+        Self::V1_1_0,
+    ];
+
+    /// The oldest supported version; libcni's reading of a config without `cniVersion`.
+    pub const OLDEST: CniVersion = Self::V0_1_0;
 
     /// The newest supported version.
     pub const LATEST: CniVersion = Self::V1_1_0;
@@ -33,15 +57,34 @@ impl CniVersion {
     /// The version string.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::V0_1_0 => "0.1.0",
+            Self::V0_2_0 => "0.2.0",
+            Self::V0_3_0 => "0.3.0",
+            Self::V0_3_1 => "0.3.1",
             Self::V0_4_0 => "0.4.0",
             Self::V1_0_0 => "1.0.0",
             Self::V1_1_0 => "1.1.0",
         }
     }
 
+    /// Whether results of this version are 0.1.0/0.2.0's `ip4`/`ip6` objects (libcni's
+    /// `types020`), without `interfaces`.
+    pub fn is_legacy(self) -> bool {
+        self <= Self::V0_2_0
+    }
+
+    /// Whether results of this version carry `ips[].version` (libcni's `types040`: 0.3.0,
+    /// 0.3.1, 0.4.0).
+    pub fn has_ip_version(self) -> bool {
+        (Self::V0_3_0..=Self::V0_4_0).contains(&self)
+    }
+
     /// Whether a config of this version may be used with `command`.
     pub fn allows(self, command: Command) -> Result<(), CniError> {
         match command {
+            Command::Check if self < Self::V0_4_0 => Err(CniError::version(format!(
+                "CHECK needs cniVersion 0.4.0 or later; the config says {self}"
+            ))),
             Command::Status | Command::Gc if self < Self::V1_1_0 => Err(CniError::version(
                 format!("{command} needs cniVersion 1.1.0 or later; the config says {self}"),
             )),
@@ -49,7 +92,7 @@ impl CniVersion {
         }
     }
 
-    /// `"0.4.0", "1.0.0", "1.1.0"` for messages.
+    /// `"0.1.0, 0.2.0, ..., 1.1.0"` for messages.
     pub fn supported_list() -> String {
         Self::ALL
             .iter()

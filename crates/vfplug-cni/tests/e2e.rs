@@ -1,8 +1,9 @@
 //! End to end: the real `vfplug` binary, exec'd as a runtime does, against the real `vfplugd`
 //! on a fake SR-IOV node whose VF netdevs are real veth links, into real network namespaces,
 //! with Debian's real `host-local` as the delegated IPAM (it speaks CNI up to 1.0.0; the configs
-//! here are 1.1.0, so every call also goes through version negotiation). The harness is
-//! `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise.
+//! here are 1.1.0, so those calls are also lowered by version negotiation; 0.3.1 and 0.2.0 ones
+//! in `older_cni_versions_add_and_del`). The harness is `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise
+//! (fails under `VFPLUG_REQUIRE=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,10 +11,11 @@ mod common;
 use common::{CNI_DIR, Host, Pod, link, links_in, missing_prerequisite};
 use serde_json::{Value, json};
 
-/// The host, or `None` after printing why the test cannot run here.
+/// The host, or `None` after printing why the test cannot run here (a failure instead under
+/// `VFPLUG_REQUIRE=1`).
 fn host(test: &str, vfs: u32) -> Option<Host> {
     if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP {test}: {why}");
+        vfplug_cni::testing::require(false, test, &why);
         return None;
     }
     Some(Host::start(vfs))
@@ -163,6 +165,60 @@ fn del_restores_the_netdev_and_frees_vf_and_lease() {
     h.assert_home(vf);
     assert!(h.leases().is_empty(), "{:?}", h.leases());
     h.assert_all_free();
+}
+
+/// sriov-cni NADs say 0.3.1 (its own examples) and some still 0.2.0: ADD configures the pod
+/// netdev with host-local's address and prints that version's shape; DEL (without a
+/// prevResult, as those versions send it) restores the VF and frees the lease.
+#[test]
+fn older_cni_versions_add_and_del() {
+    let Some(h) = host("older_cni_versions_add_and_del", 1) else {
+        return;
+    };
+    let vf = &h.vfs[0];
+    for v in ["0.3.1", "0.2.0"] {
+        let pod = h.pod();
+        let conf = h.conf(json!({"cniVersion": v, "deviceID": vf.pci, "mac": "02:00:00:00:77:03"}));
+        let r = add(&h, "c1", &pod, &conf);
+        // host-local hands out addresses round-robin: the second run gets the next one.
+        let leases = h.leases();
+        assert_eq!(leases.len(), 1, "{v}: {leases:?}");
+        let addr = format!("{}/24", leases[0]);
+        let want = if v == "0.3.1" {
+            json!({"cniVersion": v,
+                "interfaces": [{"name": "net1", "mac": "02:00:00:00:77:03", "sandbox": pod.path}],
+                "ips": [{"version": "4", "address": addr, "gateway": "10.99.0.1",
+                         "interface": 0}],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dns": {}})
+        } else {
+            json!({"cniVersion": v,
+                "ip4": {"ip": addr, "gateway": "10.99.0.1",
+                        "routes": [{"dst": "0.0.0.0/0"}]},
+                "dns": {}})
+        };
+        assert_eq!(r, want, "{v}");
+        let l = link(Some(&pod.name), "net1").expect("net1 in the pod");
+        assert_eq!(
+            (l.mac.as_str(), l.addrs.clone()),
+            ("02:00:00:00:77:03", vec![addr.clone()]),
+            "{v}"
+        );
+        assert_eq!(h.state(&vf.pci), "configured", "{v}");
+        // CHECK exists from 0.4.0 only.
+        let mut ck = conf.clone();
+        ck["prevResult"] = r;
+        assert_eq!(
+            h.cni("CHECK", "c1", &pod.path, "net1", &ck).error_code(),
+            1,
+            "{v}"
+        );
+
+        ok(&h.cni("DEL", "c1", &pod.path, "net1", &conf));
+        h.assert_home(vf);
+        assert!(h.leases().is_empty(), "{v}: {:?}", h.leases());
+        h.assert_all_free();
+    }
 }
 
 #[test]
@@ -328,7 +384,7 @@ fn bad_inputs_fail_with_the_right_code_and_change_nothing() {
         (
             "bad cniVersion",
             vec![],
-            json!({"cniVersion": "0.3.1"}),
+            json!({"cniVersion": "1.2.0"}),
             1,
             "cniVersion",
         ),

@@ -9,9 +9,16 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use vfplug_api::{CniCode, v1};
 use vfplug_cni::devinfo::DeviceInfo;
-use vfplug_cni::testing::{Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, tempdir};
+use vfplug_cni::testing::{
+    Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, require, tempdir,
+};
 
 const NETNS: &str = "/var/run/netns/pod-x";
+
+/// Debian's host-local (package containernetworking-plugins).
+const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
+const HOST_LOCAL_MISSING: &str =
+    "/usr/lib/cni/host-local is missing (apt-get install containernetworking-plugins)";
 
 fn plugin() -> Plugin {
     Plugin::new(env!("CARGO_BIN_EXE_vfplug"))
@@ -91,7 +98,7 @@ fn version_prints_only_the_version_json() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(
         out.stdout,
-        "{\"cniVersion\":\"1.1.0\",\"supportedVersions\":[\"0.4.0\",\"1.0.0\",\"1.1.0\"]}\n"
+        "{\"cniVersion\":\"1.1.0\",\"supportedVersions\":[\"0.1.0\",\"0.2.0\",\"0.3.0\",\"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\"]}\n"
     );
     // No runtime, no socket, no logging set up: nothing on stderr either.
     assert_eq!(out.stderr, "");
@@ -164,9 +171,9 @@ fn bad_inputs_print_one_error_object_and_exit_non_zero() {
         ),
         (
             Env::new("ADD", dir.path()),
-            json!({"cniVersion": "0.3.1", "name": "n", "type": "t"}),
+            json!({"cniVersion": "0.5.0", "name": "n", "type": "t"}),
             1,
-            "0.3.1",
+            "0.5.0",
         ),
         (
             Env::new("ADD", dir.path()),
@@ -668,12 +675,11 @@ fn a_hanging_ipam_plugin_is_killed_at_the_timeout() {
 /// convention holds with a real plugin, and DEL releases what ADD allocated.
 #[test]
 fn real_host_local_ipam() {
-    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
-    if !host_local.exists() {
-        eprintln!(
-            "SKIP real_host_local_ipam because {} is missing (apt-get install containernetworking-plugins)",
-            host_local.display()
-        );
+    if !require(
+        std::path::Path::new(HOST_LOCAL).exists(),
+        "real_host_local_ipam",
+        HOST_LOCAL_MISSING,
+    ) {
         return;
     }
     let dir = tempdir().unwrap();
@@ -809,12 +815,11 @@ fn ipam_plugin_whose_version_fails_gets_the_config_as_is() {
 /// work through negotiation.
 #[test]
 fn real_host_local_with_a_1_1_0_config() {
-    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
-    if !host_local.exists() {
-        eprintln!(
-            "SKIP real_host_local_with_a_1_1_0_config because {} is missing (apt-get install containernetworking-plugins)",
-            host_local.display()
-        );
+    if !require(
+        std::path::Path::new(HOST_LOCAL).exists(),
+        "real_host_local_with_a_1_1_0_config",
+        HOST_LOCAL_MISSING,
+    ) {
         return;
     }
     let dir = tempdir().unwrap();
@@ -836,4 +841,294 @@ fn real_host_local_with_a_1_1_0_config() {
     let out = Env::new("DEL", cni).run(&c);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     assert!(!lease.exists(), "DEL must release the address");
+}
+
+/// sriov-cni's own example NAD says 0.3.1 (docs/configuration-reference.md, v2.10.0) with
+/// `type` changed: ADD and DEL end to end against the node API, the result in 0.3.1's shape
+/// (`interfaces`, `ips[].version`, `ips[].interface`, `dns` always), and CHECK refused as the
+/// spec says (it exists from 0.4.0).
+#[test]
+fn a_0_3_1_nad_add_and_del() {
+    let dir = tempdir().unwrap();
+    let r031 = json!({"cniVersion": "0.3.1",
+        "ips": [{"version": "4", "address": "192.168.10.7/24", "gateway": "192.168.10.1"},
+                {"version": "6", "address": "fd00:10::7/64"}],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dns": {}})
+    .to_string();
+    let ipam = FakeIpam::create(dir.path(), "fake-ipam", &r031, &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let c = json!({
+        "cniVersion": "0.3.1",
+        "name": "sriov-dpdk",
+        "type": "vfplug",
+        "deviceID": "0000:03:02.0",
+        "mac": "CA:FE:C0:FF:EE:00",
+        "vlan": 1000,
+        "vlanQoS": 4,
+        "vlanProto": "802.1ad",
+        "min_tx_rate": 100,
+        "max_tx_rate": 200,
+        "spoofchk": "off",
+        "trust": "on",
+        "link_state": "enable",
+        "logLevel": "debug",
+        "logFile": dir.path().join("vfplug.log").to_str().unwrap(),
+        "ipam": {"type": "fake-ipam"},
+        "socket": node.socket.to_str().unwrap(),
+    });
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.json(),
+        json!({"cniVersion": "0.3.1",
+            "interfaces": [{"name": "net1", "mac": "ca:fe:c0:ff:ee:00", "sandbox": NETNS}],
+            "ips": [{"version": "4", "address": "192.168.10.7/24", "gateway": "192.168.10.1",
+                     "interface": 0},
+                    {"version": "6", "address": "fd00:10::7/64", "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dns": {}})
+    );
+    // The plugin supports 0.3.1: asked VERSION, then given the config unchanged.
+    let calls = ipam.calls().unwrap();
+    assert_eq!(ipam.commands().unwrap(), ["VERSION", "ADD"]);
+    assert_eq!(calls[0].stdin, r#"{"cniVersion":"0.3.1"}"#);
+    assert_eq!(calls[1].stdin, c.to_string());
+    let Call::Add(req) = &node.calls()[0] else {
+        panic!("{:?}", node.calls())
+    };
+    assert_eq!(req.device_id, "0000:03:02.0");
+    assert_eq!(req.network, "sriov-dpdk");
+    let vf = req.config.clone().unwrap();
+    assert_eq!(
+        (vf.vlan, vf.vlan_qos, vf.vlan_proto.as_deref()),
+        (Some(1000), Some(4), Some("802.1ad"))
+    );
+    assert_eq!(
+        req.ips
+            .iter()
+            .map(|i| i.address.as_str())
+            .collect::<Vec<_>>(),
+        ["192.168.10.7/24", "fd00:10::7/64"]
+    );
+
+    let out = Env::new("DEL", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, "");
+    let Call::Del(req) = &node.calls()[1] else {
+        panic!("{:?}", node.calls())
+    };
+    assert_eq!(req.device_id, "0000:03:02.0");
+    assert_eq!(
+        ipam.commands().unwrap(),
+        ["VERSION", "ADD", "VERSION", "DEL"]
+    );
+
+    // CHECK does not exist in 0.3.1: code 1, nothing asked.
+    let mut chk = c.clone();
+    chk["prevResult"] = out_of_add(&c, dir.path());
+    let calls_before = node.calls().len();
+    let ipam_before = ipam.commands().unwrap().len();
+    let out = Env::new("CHECK", dir.path()).run(&chk);
+    assert_eq!(out.error_code(), 1, "{}", out.stdout);
+    assert_eq!(
+        out.error_msg(),
+        "CHECK needs cniVersion 0.4.0 or later; the config says 0.3.1"
+    );
+    assert_eq!(out.json()["cniVersion"], "0.3.1");
+    assert_eq!(node.calls().len(), calls_before, "vfplugd was not asked");
+    assert_eq!(
+        ipam.commands().unwrap().len(),
+        ipam_before,
+        "IPAM was not asked"
+    );
+
+    // Without ipam: the interface only, and 0.3.x's dns object.
+    let mut bare = c.clone();
+    bare.as_object_mut().unwrap().remove("ipam");
+    let out = Env::new("ADD", dir.path()).run(&bare);
+    assert_eq!(
+        out.json(),
+        json!({"cniVersion": "0.3.1",
+            "interfaces": [{"name": "net1", "mac": "ca:fe:c0:ff:ee:00", "sandbox": NETNS}],
+            "dns": {}})
+    );
+}
+
+/// An ADD's stdout for `c` (a prevResult for a later call).
+fn out_of_add(c: &Value, dir: &std::path::Path) -> Value {
+    let out = Env::new("ADD", dir).run(c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    out.json()
+}
+
+/// 0.2.0: the IPAM plugin's ip4/ip6 result goes to vfplugd as addresses and routes, and the
+/// result is ip4/ip6 again. An IPAM result without an address cannot be written in 0.2.0: 105,
+/// and the lease is rolled back before vfplugd is asked.
+#[test]
+fn a_0_2_0_add_prints_ip4_and_ip6() {
+    let dir = tempdir().unwrap();
+    let r020 = json!({"cniVersion": "0.2.0",
+        "ip4": {"ip": "192.168.10.7/24", "gateway": "192.168.10.1",
+                "routes": [{"dst": "0.0.0.0/0"}]},
+        "ip6": {"ip": "fd00:10::7/64", "routes": [{"dst": "::/0", "gw": "fd00:10::1"}]},
+        "dns": {"nameservers": ["192.168.10.53"]}})
+    .to_string();
+    FakeIpam::create(dir.path(), "fake-ipam", &r020, &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["cniVersion"] = json!("0.2.0");
+    c["ipam"] = json!({"type": "fake-ipam"});
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.json(), serde_json::from_str::<Value>(&r020).unwrap());
+    let Call::Add(req) = &node.calls()[0] else {
+        panic!("{:?}", node.calls())
+    };
+    assert_eq!(
+        req.ips,
+        vec![
+            v1::IpConfig {
+                address: "192.168.10.7/24".into(),
+                gateway: "192.168.10.1".into()
+            },
+            v1::IpConfig {
+                address: "fd00:10::7/64".into(),
+                gateway: String::new()
+            }
+        ]
+    );
+    assert_eq!(
+        req.routes,
+        vec![
+            v1::RouteConfig {
+                dst: "0.0.0.0/0".into(),
+                gw: String::new()
+            },
+            v1::RouteConfig {
+                dst: "::/0".into(),
+                gw: "fd00:10::1".into()
+            }
+        ]
+    );
+
+    // No address from IPAM.
+    let dir2 = tempdir().unwrap();
+    let empty = FakeIpam::create(
+        dir2.path(),
+        "fake-ipam",
+        r#"{"cniVersion":"0.2.0","dns":{}}"#,
+        &[],
+    )
+    .unwrap();
+    let node2 = FakeNode::start(dir2.path()).unwrap();
+    c["socket"] = json!(node2.socket.to_str().unwrap());
+    let out = Env::new("ADD", dir2.path()).run(&c);
+    assert_eq!(out.error_code(), 105, "{}", out.stdout);
+    assert!(out.error_msg().contains("no IP address"), "{}", out.stdout);
+    assert_eq!(out.json()["cniVersion"], "0.2.0");
+    assert_eq!(empty.commands().unwrap(), ["VERSION", "ADD", "DEL"]);
+    assert!(
+        !node2.calls().iter().any(|c| matches!(c, Call::Add(_))),
+        "{:?}",
+        node2.calls()
+    );
+
+    // No ipam at all: refused before anything is done.
+    c.as_object_mut().unwrap().remove("ipam");
+    let out = Env::new("ADD", dir2.path()).run(&c);
+    assert_eq!(out.error_code(), 7, "{}", out.stdout);
+    assert!(out.error_msg().starts_with("ipam:"), "{}", out.stdout);
+}
+
+/// A 0.4.0 config and a plugin that speaks only up to 0.3.1 (built with an older libcni): it
+/// gets the config as 0.3.1, prevResult included, and its result is read as 0.3.1.
+#[test]
+fn ipam_plugin_older_than_a_0_4_0_config_gets_0_3_1() {
+    let dir = tempdir().unwrap();
+    let r031 = json!({"cniVersion": "0.3.1",
+        "ips": [{"version": "4", "address": "192.168.10.7/24"}]})
+    .to_string();
+    let ipam = FakeIpam::create_with_versions(
+        dir.path(),
+        "old-ipam",
+        &r031,
+        &[],
+        &["0.1.0", "0.2.0", "0.3.0", "0.3.1"],
+    )
+    .unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let mut c = conf(&node.socket);
+    c["cniVersion"] = json!("0.4.0");
+    c["ipam"] = json!({"type": "old-ipam"});
+    c["prevResult"] = json!({"cniVersion": "0.4.0",
+        "interfaces": [{"name": "eth0", "sandbox": NETNS}],
+        "ips": [{"version": "4", "address": "10.0.0.5/24", "interface": 0}]});
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let calls = ipam.calls().unwrap();
+    assert_eq!(ipam.commands().unwrap(), ["VERSION", "ADD"]);
+    let sent: Value = serde_json::from_str(&calls[1].stdin).unwrap();
+    assert_eq!(sent["cniVersion"], "0.3.1");
+    assert_eq!(sent["prevResult"]["cniVersion"], "0.3.1");
+    assert_eq!(sent["prevResult"]["ips"], c["prevResult"]["ips"]);
+    let r = out.json();
+    assert_eq!(r["cniVersion"], "0.4.0");
+    assert_eq!(
+        r["ips"][1],
+        json!({"version": "4", "address": "192.168.10.7/24", "interface": 1})
+    );
+}
+
+/// Debian's real host-local (it supports 0.1.0 to 1.0.0) under a 0.3.1 and a 0.2.0 config: ADD
+/// allocates and prints that version's shape, DEL releases.
+#[test]
+fn real_host_local_with_0_3_1_and_0_2_0_configs() {
+    if !require(
+        std::path::Path::new(HOST_LOCAL).exists(),
+        "real_host_local_with_0_3_1_and_0_2_0_configs",
+        HOST_LOCAL_MISSING,
+    ) {
+        return;
+    }
+    let cni = std::path::Path::new("/usr/lib/cni");
+    for (v, subnet) in [("0.3.1", "10.79.0"), ("0.2.0", "10.80.0")] {
+        let dir = tempdir().unwrap();
+        let node = FakeNode::start(dir.path()).unwrap();
+        let data = dir.path().join("ipam-data");
+        let mut c = conf(&node.socket);
+        c["cniVersion"] = json!(v);
+        c["ipam"] = json!({"type": "host-local", "dataDir": data.to_str().unwrap(),
+            "ranges": [[{"subnet": format!("{subnet}.0/24"), "rangeStart": format!("{subnet}.10"),
+                         "gateway": format!("{subnet}.1")}]],
+            "routes": [{"dst": "0.0.0.0/0"}]});
+        let out = Env::new("ADD", cni).run(&c);
+        assert_eq!(out.code, Some(0), "{v}: {}\n{}", out.stdout, out.stderr);
+        let addr = format!("{subnet}.10/24");
+        let gw = format!("{subnet}.1");
+        let want = if v == "0.3.1" {
+            json!({"cniVersion": v,
+                "interfaces": [{"name": "net1", "mac": "02:00:00:00:00:01", "sandbox": NETNS}],
+                "ips": [{"version": "4", "address": addr, "gateway": gw, "interface": 0}],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dns": {}})
+        } else {
+            json!({"cniVersion": v,
+                "ip4": {"ip": addr, "gateway": gw, "routes": [{"dst": "0.0.0.0/0"}]},
+                "dns": {}})
+        };
+        assert_eq!(out.json(), want, "{v}");
+        let Call::Add(req) = &node.calls()[0] else {
+            panic!("{:?}", node.calls())
+        };
+        assert_eq!(
+            (req.ips[0].address.as_str(), req.ips[0].gateway.as_str()),
+            (addr.as_str(), gw.as_str())
+        );
+        let lease = data.join("sriov-net").join(format!("{subnet}.10"));
+        assert!(lease.exists(), "{v}: {}", lease.display());
+        let out = Env::new("DEL", cni).run(&c);
+        assert_eq!(out.code, Some(0), "{v}: {}\n{}", out.stdout, out.stderr);
+        assert!(!lease.exists(), "{v}: DEL must release the address");
+    }
 }

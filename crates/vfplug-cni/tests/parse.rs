@@ -244,7 +244,7 @@ fn each_malformed_config_key_is_named() {
         ("runtimeConfig", json!([]), 7),
         ("prevResult", json!({"interfaces": [{"name": 5}]}), 6),
         ("prevResult", json!({"ips": [{"address": "10.0.0.1"}]}), 6),
-        ("cniVersion", json!("0.3.1"), 1),
+        ("cniVersion", json!("0.5.0"), 1),
         ("cniVersion", json!("2.0.0"), 1),
         ("cniVersion", json!(1), 7),
     ];
@@ -275,14 +275,21 @@ fn each_malformed_config_key_is_named() {
         assert_eq!(code, 7, "{msg}");
         assert!(msg.starts_with(&format!("runtimeConfig.{k}:")), "{msg}");
     }
-    // A missing cniVersion is a version error; null counts as missing.
+    // A missing cniVersion is 0.1.0, as libcni reads it (create.DecodeVersion); null and ""
+    // count as missing.
     let mut c = conf();
     c.as_object_mut().unwrap().remove("cniVersion");
-    assert_eq!(err(&env("ADD"), &c).0, 1);
-    assert_eq!(
-        err(&env("ADD"), &with(conf(), "cniVersion", Value::Null)).0,
-        1
-    );
+    let c = with(c, "ipam", json!({"type": "host-local"}));
+    for c in [
+        c.clone(),
+        with(c.clone(), "cniVersion", Value::Null),
+        with(c, "cniVersion", json!("")),
+    ] {
+        assert_eq!(
+            parse(&env("ADD"), &c).unwrap().version(),
+            CniVersion::V0_1_0
+        );
+    }
     // Missing name / type.
     for k in ["name", "type"] {
         let mut c = conf();
@@ -404,19 +411,51 @@ fn device_id_comes_from_the_top_level_first() {
 
 #[test]
 fn version_negotiation() {
-    for v in ["0.4.0", "1.0.0", "1.1.0"] {
-        let inv = parse(&env("ADD"), &with(conf(), "cniVersion", json!(v))).unwrap();
+    // Every version sriov-cni accepts (libcni's version.All).
+    let all = [
+        "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+    ];
+    let with_ipam = with(conf(), "ipam", json!({"type": "host-local"}));
+    for v in all {
+        let inv = parse(
+            &env("ADD"),
+            &with(with_ipam.clone(), "cniVersion", json!(v)),
+        )
+        .unwrap();
+        assert_eq!(inv.version().as_str(), v);
+        let inv = parse(&env("DEL"), &with(conf(), "cniVersion", json!(v))).unwrap();
         assert_eq!(inv.version().as_str(), v);
     }
-    for v in ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "1.2.0", "", "latest"] {
+    for v in ["1.2.0", "0.5.0", "0.3", "v1.0.0", " 1.0.0", "latest"] {
         let (code, msg) = err(&env("ADD"), &with(conf(), "cniVersion", json!(v)));
         assert_eq!(code, 1, "{v}: {msg}");
-        assert!(msg.contains("0.4.0, 1.0.0, 1.1.0"), "{msg}");
+        assert!(
+            msg.contains("0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+            "{msg}"
+        );
+    }
+    // CHECK exists from 0.4.0 (libcni's skeleton: "config version does not allow CHECK").
+    let prev = json!({"interfaces": [{"name": "net1"}]});
+    for v in ["0.1.0", "0.2.0", "0.3.0", "0.3.1"] {
+        let c = with(
+            with(conf(), "cniVersion", json!(v)),
+            "prevResult",
+            prev.clone(),
+        );
+        let (code, msg) = err(&env("CHECK"), &c);
+        assert_eq!(code, 1, "CHECK {v}: {msg}");
+        assert_eq!(
+            msg,
+            format!("CHECK needs cniVersion 0.4.0 or later; the config says {v}")
+        );
+        // Even without the prevResult CHECK needs: the version is judged first.
+        let (code, _) = err(&env("CHECK"), &with(conf(), "cniVersion", json!(v)));
+        assert_eq!(code, 1);
     }
     // STATUS and GC exist from 1.1.0 only.
     let gc = with(conf(), "cni.dev/valid-attachments", json!([]));
     for cmd in ["STATUS", "GC"] {
-        for v in ["0.4.0", "1.0.0"] {
+        for v in &all[..6] {
             let (code, msg) = err(&env(cmd), &with(gc.clone(), "cniVersion", json!(v)));
             assert_eq!(code, 1, "{cmd} {v}: {msg}");
             assert!(msg.contains(cmd), "{msg}");
@@ -434,8 +473,30 @@ fn version_negotiation() {
     assert_eq!(inv.env.command, Command::Version);
     assert_eq!(
         serde_json::to_value(VersionInfo::current()).unwrap(),
-        json!({"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]})
+        json!({"cniVersion": "1.1.0", "supportedVersions": all})
     );
+}
+
+/// A 0.1.0/0.2.0 result is ip4/ip6 objects only: an ADD that could not print one is refused
+/// before anything is done, unless a prevResult brings an address.
+#[test]
+fn legacy_add_needs_an_address() {
+    for v in ["0.1.0", "0.2.0"] {
+        let c = with(conf(), "cniVersion", json!(v));
+        let (code, msg) = err(&env("ADD"), &c);
+        assert_eq!(code, 7, "{v}: {msg}");
+        assert!(msg.starts_with("ipam: a cniVersion"), "{msg}");
+        parse(
+            &env("ADD"),
+            &with(c.clone(), "ipam", json!({"type": "host-local"})),
+        )
+        .unwrap();
+        let prev = json!({"cniVersion": v, "ip4": {"ip": "10.0.0.5/24"}});
+        parse(&env("ADD"), &with(c.clone(), "prevResult", prev)).unwrap();
+        // DEL needs no result.
+        parse(&env("DEL"), &c).unwrap();
+    }
+    parse(&env("ADD"), &with(conf(), "cniVersion", json!("0.3.0"))).unwrap();
 }
 
 #[test]
@@ -504,7 +565,7 @@ fn del_status_gc_skip_errors_they_do_not_need() {
     // What DEL needs is still checked.
     let c2 = with(c.clone(), "socket", json!("rel"));
     assert_eq!(err(&env("DEL"), &c2).0, 7);
-    let c3 = with(c, "cniVersion", json!("0.3.1"));
+    let c3 = with(c, "cniVersion", json!("1.2.0"));
     assert_eq!(err(&env("DEL"), &c3).0, 1);
 }
 
@@ -520,7 +581,7 @@ fn prev_result() -> Value {
 }
 
 fn ipam_result() -> CniResult {
-    CniResult::from_value(
+    CniResult::decode(
         json!({
             "cniVersion": "1.1.0",
             "ips": [
@@ -532,6 +593,7 @@ fn ipam_result() -> CniResult {
             "dns": {"nameservers": ["192.168.10.53"], "domain": "example.internal",
                     "search": ["example.internal"]}
         }),
+        CniVersion::V1_1_0,
         "",
     )
     .unwrap()
@@ -556,25 +618,187 @@ fn add_response() -> v1::AddResponse {
 
 #[test]
 fn results_are_shaped_per_version_golden() {
-    for v in ["0.4.0", "1.0.0", "1.1.0"] {
-        let c = with(
-            with(conf(), "cniVersion", json!(v)),
-            "prevResult",
-            prev_result(),
+    for v in CniVersion::ALL {
+        let mut c = with(
+            with(conf(), "cniVersion", json!(v.as_str())),
+            "ipam",
+            json!({"type": "host-local"}),
         );
+        // Chaining exists from 0.3.0; the runtime hands the prevResult on in the config's
+        // version. (0.2.0 with a prevResult: legacy_prev_result_chains.)
+        if v >= CniVersion::V0_3_0 {
+            let prev = CniResult::decode(prev_result(), CniVersion::V1_0_0, "")
+                .unwrap()
+                .to_version(v)
+                .unwrap();
+            c = with(c, "prevResult", serde_json::to_value(&prev).unwrap());
+        }
         let inv = parse(&env("ADD"), &c).unwrap();
         let r = mapping::add_result(&inv, &add_response(), Some(&ipam_result()));
-        let got = serde_json::to_string_pretty(&r).unwrap() + "\n";
+        let got = serde_json::to_string_pretty(&r.to_version(v).unwrap()).unwrap() + "\n";
         let path = format!(
             "{}/tests/golden/result-{v}.json",
             env!("CARGO_MANIFEST_DIR")
         );
         let want = std::fs::read_to_string(&path).unwrap();
         assert_eq!(got, want, "{path}");
-        // And it reads back as the same result (prevResult of a later call).
-        let back = CniResult::from_slice(got.as_bytes(), "").unwrap();
-        assert_eq!(back, r);
+        // Read back as a later call's prevResult and written again: the same bytes.
+        let back = CniResult::decode_slice(got.as_bytes(), v, "").unwrap();
+        let again = serde_json::to_string_pretty(&back.to_version(v).unwrap()).unwrap() + "\n";
+        assert_eq!(again, got, "{v}");
+        if v >= CniVersion::V1_1_0 {
+            assert_eq!(back, r, "1.1.0 is the internal form");
+        }
     }
+}
+
+/// The shape rules of each version, field by field (libcni's pkg/types/{020,040,100}).
+#[test]
+fn result_shape_per_version() {
+    let r = CniResult::decode(
+        json!({"cniVersion": "1.1.0",
+            "interfaces": [{"name": "net1", "mac": "02:00:00:aa:bb:cc", "mtu": 9000,
+                            "sandbox": "/n", "pciID": "0000:3b:02.1"}],
+            "ips": [{"address": "fd00::7/64", "interface": 0},
+                    {"address": "10.0.0.7/24", "gateway": "10.0.0.1", "interface": 0},
+                    {"address": "10.0.1.7/24", "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": "10.0.0.1", "mtu": 1400},
+                       {"dst": "fd01::/64", "table": 5}]}),
+        CniVersion::V1_1_0,
+        "",
+    )
+    .unwrap();
+    let shape = |v| serde_json::to_value(r.to_version(v).unwrap()).unwrap();
+    // 0.1.0/0.2.0: the first address of each family; routes under their family; dns always.
+    for v in [CniVersion::V0_1_0, CniVersion::V0_2_0] {
+        assert_eq!(
+            shape(v),
+            json!({"cniVersion": v.as_str(),
+                "ip4": {"ip": "10.0.0.7/24", "gateway": "10.0.0.1",
+                        "routes": [{"dst": "0.0.0.0/0", "gw": "10.0.0.1"}]},
+                "ip6": {"ip": "fd00::7/64", "routes": [{"dst": "fd01::/64"}]},
+                "dns": {}})
+        );
+    }
+    // 0.3.x/0.4.0: ips[].version from the address, no 1.1 fields, dns always.
+    for v in [CniVersion::V0_3_0, CniVersion::V0_3_1, CniVersion::V0_4_0] {
+        let got = shape(v);
+        assert_eq!(
+            got["interfaces"],
+            json!([{"name": "net1", "mac": "02:00:00:aa:bb:cc", "sandbox": "/n"}])
+        );
+        assert_eq!(
+            got["ips"][0],
+            json!({"version": "6", "address": "fd00::7/64", "interface": 0})
+        );
+        assert_eq!(got["ips"][1]["version"], "4");
+        assert_eq!(
+            got["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "10.0.0.1"}, {"dst": "fd01::/64"}])
+        );
+        assert_eq!(got["dns"], json!({}));
+    }
+    // 1.0.0: no version, no 1.1 fields, an empty dns left out.
+    let got = shape(CniVersion::V1_0_0);
+    assert_eq!(
+        got["ips"][0],
+        json!({"address": "fd00::7/64", "interface": 0})
+    );
+    assert_eq!(got["routes"][1], json!({"dst": "fd01::/64"}));
+    assert!(got.get("dns").is_none());
+    // 0.2.0 drops a route whose family has no address; no address at all cannot be written.
+    let v4only = CniResult::decode(
+        json!({"ips": [{"address": "10.0.0.7/24"}], "routes": [{"dst": "::/0"}]}),
+        CniVersion::V1_0_0,
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_value(v4only.to_version(CniVersion::V0_2_0).unwrap()).unwrap(),
+        json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.0.0.7/24"}, "dns": {}})
+    );
+    let none = CniResult::decode(
+        json!({"interfaces": [{"name": "x"}]}),
+        CniVersion::V1_0_0,
+        "",
+    )
+    .unwrap();
+    let e = none.to_version(CniVersion::V0_2_0).unwrap_err();
+    assert!(e.contains("needs an IP address"), "{e}");
+    none.to_version(CniVersion::V0_3_1).unwrap();
+}
+
+/// Results of older versions are converted up as libcni's converters do; a result without
+/// `cniVersion` is read as the expected (the config's) version.
+#[test]
+fn older_results_are_converted_up() {
+    let r020 = json!({"cniVersion": "0.2.0",
+        "ip4": {"ip": "10.0.0.7/24", "gateway": "10.0.0.1",
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.1.0.0/16", "gw": "10.0.0.254"}]},
+        "ip6": {"ip": "fd00::7/64", "routes": [{"dst": "::/0", "gw": "fd00::1"}]},
+        "dns": {"nameservers": ["10.0.0.53"]}});
+    let want = json!({"cniVersion": "1.1.0",
+        "ips": [{"address": "10.0.0.7/24", "gateway": "10.0.0.1"}, {"address": "fd00::7/64"}],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.1.0.0/16", "gw": "10.0.0.254"},
+                   {"dst": "::/0", "gw": "fd00::1"}],
+        "dns": {"nameservers": ["10.0.0.53"]}});
+    let to_110 = |v: Value, expected| {
+        let r = CniResult::decode(v, expected, "").unwrap();
+        serde_json::to_value(r.to_version(CniVersion::V1_1_0).unwrap()).unwrap()
+    };
+    // By its own cniVersion, whatever the config's.
+    for expected in CniVersion::ALL {
+        assert_eq!(to_110(r020.clone(), expected), want, "{expected}");
+    }
+    // Without cniVersion: the config's decides (0.1.0's shape is 0.2.0's).
+    let mut bare = r020.clone();
+    bare.as_object_mut().unwrap().remove("cniVersion");
+    assert_eq!(to_110(bare.clone(), CniVersion::V0_1_0), want);
+    // (as 1.0.0's shape, only dns is recognised)
+    assert_eq!(
+        to_110(bare, CniVersion::V1_0_0),
+        json!({"cniVersion": "1.1.0", "dns": {"nameservers": ["10.0.0.53"]}})
+    );
+    // 0.3.1: interfaces and indexes kept, version dropped.
+    let r031 = json!({"cniVersion": "0.3.1", "interfaces": [{"name": "eth0", "sandbox": "/n"}],
+        "ips": [{"version": "4", "address": "10.0.0.7/24", "interface": 0}]});
+    let r = CniResult::decode(r031, CniVersion::V0_3_1, "").unwrap();
+    assert_eq!(r.ips[0].version, None);
+    assert_eq!(r.ips[0].interface, Some(0));
+    assert_eq!(r.find_interface("eth0", "/n"), Some(0));
+    // A malformed 0.2.0 result names the field.
+    let e = CniResult::decode(
+        json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.0.0.7"}}),
+        CniVersion::V1_1_0,
+        "prevResult",
+    )
+    .unwrap_err();
+    assert!(e.starts_with("prevResult.ip4.ip:"), "{e}");
+}
+
+/// A 0.2.0 prevResult under a 0.2.0 config chains: its address comes first in the result.
+#[test]
+fn legacy_prev_result_chains() {
+    let c = with(
+        with(
+            with(conf(), "cniVersion", json!("0.2.0")),
+            "ipam",
+            json!({"type": "host-local"}),
+        ),
+        "prevResult",
+        json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.0.0.5/24", "gateway": "10.0.0.1"}}),
+    );
+    let inv = parse(&env("ADD"), &c).unwrap();
+    let r = mapping::add_result(&inv, &add_response(), Some(&ipam_result()));
+    assert_eq!(
+        serde_json::to_value(r.to_version(CniVersion::V0_2_0).unwrap()).unwrap(),
+        json!({"cniVersion": "0.2.0",
+            "ip4": {"ip": "10.0.0.5/24", "gateway": "10.0.0.1",
+                    "routes": [{"dst": "192.168.0.0/16", "gw": "192.168.10.1"}]},
+            "ip6": {"ip": "fd00:10::7/64"},
+            "dns": {"nameservers": ["192.168.10.53"], "domain": "example.internal",
+                    "search": ["example.internal"]}})
+    );
 }
 
 #[test]
@@ -585,7 +809,7 @@ fn a_result_without_prev_result_or_ipam() {
     resp.sandbox.clear();
     let r = mapping::add_result(&inv, &resp, None);
     assert_eq!(
-        serde_json::to_value(&r).unwrap(),
+        serde_json::to_value(r.to_version(CniVersion::V1_1_0).unwrap()).unwrap(),
         json!({"cniVersion": "1.1.0", "interfaces": [{
             "name": "net1", "mac": "02:00:00:aa:bb:cc", "sandbox": "/var/run/netns/pod",
             "pciID": "0000:3b:02.1"}]})
@@ -756,6 +980,8 @@ fn arb_stdin() -> impl Strategy<Value = Vec<u8>> {
             Just("off"),
             Just("1.1.0"),
             Just("0.4.0"),
+            Just("0.3.1"),
+            Just("0.2.0"),
             Just("02:00:00:00:00:01"),
             Just("0000:3b:02.1"),
             Just("/run/x.sock")
