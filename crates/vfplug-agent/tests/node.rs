@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 use vfplug_agent::{Agent, AgentOptions};
 use vfplug_api::v1;
 use vfplug_api::v1::node_client::NodeClient;
-use vfplug_core::{MacAddr, VfLinkState};
+use vfplug_agent::wal::Wal;
+use vfplug_core::ledger::{Ledger, Owner, Record, Step};
+use vfplug_core::{CniAttachment, MacAddr, PciAddress, SavedVfState, VfLinkState};
+use vfplug_host::driver::{BinderOp, DriverBinder, FakeDriverBinder};
 use vfplug_host::fixture::{SysfsBuilder, VfSpec};
 use vfplug_host::net::{LinkInfo, NetdevOps, VfNetlink, VfSettings};
 use vfplug_host::sim::{DriverProfile, Fault, SimNetdevOps, SimVfNetlink};
@@ -45,11 +48,22 @@ struct Node {
     task: Option<tokio::task::JoinHandle<()>>,
     podres: FakePodResources,
     client: NodeClient<tonic::transport::Channel>,
-    _kubelet: FakeKubelet,
+    kubelet: FakeKubelet,
+    tweak: Tweak,
 }
+
+type Tweak = Arc<dyn Fn(&mut AgentOptions) + Send + Sync>;
 
 impl Node {
     async fn start(profile: DriverProfile) -> Self {
+        Self::start_with(profile, |_| {}).await
+    }
+
+    /// As `start`, with agent options changed by `tweak` (on every boot).
+    async fn start_with(
+        profile: DriverProfile,
+        tweak: impl Fn(&mut AgentOptions) + Send + Sync + 'static,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let mut b = SysfsBuilder::new(&root.join("sys"));
@@ -98,7 +112,8 @@ impl Node {
             client: NodeClient::new(
                 tonic::transport::Channel::from_static("http://x").connect_lazy(),
             ),
-            _kubelet: kubelet,
+            kubelet,
+            tweak: Arc::new(tweak),
         };
         node.boot().await;
         node
@@ -109,6 +124,7 @@ impl Node {
         o.vf_netlink = self.pf.clone();
         o.netdev_ops = self.net.clone();
         o.podresources_interval = Duration::from_millis(100);
+        (self.tweak)(&mut o);
         self.cancel = CancellationToken::new();
         let agent = Agent::start(o, self.cancel.clone())
             .await
@@ -123,13 +139,17 @@ impl Node {
     }
 
     async fn restart(&mut self) {
+        self.stop().await;
+        self.boot().await;
+    }
+
+    async fn stop(&mut self) {
         self.cancel.cancel();
         self.task.take().unwrap().await.unwrap();
         assert!(
             !self.root.join("vfplugd.sock").exists(),
             "socket removed on stop"
         );
-        self.boot().await;
     }
 
     fn netns(&self, name: &str) -> PathBuf {
@@ -235,6 +255,14 @@ fn full_config() -> v1::VfConfig {
         max_tx_rate: Some(1000),
         mtu: Some(9000),
     }
+}
+
+/// An ADD for a vfio-mode VF: no IPAM (a vfio VF has no netdev in the pod).
+fn vfio_req(cid: &str, netns: &Path, device: &str, cfg: v1::VfConfig) -> v1::AddRequest {
+    let mut r = add_req(cid, netns, device, cfg);
+    r.ips.clear();
+    r.routes.clear();
+    r
 }
 
 fn add_req(cid: &str, netns: &Path, device: &str, cfg: v1::VfConfig) -> v1::AddRequest {
@@ -626,7 +654,7 @@ async fn vfio_mode_needs_no_netns_work() {
         ..Default::default()
     };
     let r = n
-        .add(add_req("vm1", &ns, &n.vfs[4].clone(), cfg.clone()))
+        .add(vfio_req("vm1", &ns, &n.vfs[4].clone(), cfg.clone()))
         .await
         .unwrap();
     assert_eq!(
@@ -849,4 +877,354 @@ async fn lookup_answers_a_repeat_from_the_ledger_and_changes_nothing() {
     let e = n.client.lookup(other).await.unwrap_err();
     assert_eq!(vfplug_api::cni_code_of(&e).0, 3);
     assert_eq!(n.state_of(&n.vfs[1].clone()).await.state, "configured");
+}
+
+// ---- issue 8: what real peers found --------------------------------------------------------
+
+const NET: &str = "vfplug.io/net";
+
+fn pod_req(cid: &str, netns: &Path, device: &str, pod: (&str, &str)) -> v1::AddRequest {
+    let mut r = add_req(cid, netns, device, full_config());
+    let a = r.attachment.as_mut().unwrap();
+    a.pod_namespace = pod.0.into();
+    a.pod_name = pod.1.into();
+    r
+}
+
+async fn wait_state(n: &mut Node, pci: &str, want: &str) {
+    for _ in 0..200 {
+        if n.state_of(pci).await.state == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{pci} never became {want}: {:?}", n.state_of(pci).await);
+}
+
+/// Finding 2: a VF the kubelet gave a pod, configured by that pod's ADD, stays Healthy at the
+/// kubelet: Unhealthy, the kubelet would take it out of allocatable *and* count the pod's request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_vf_claimed_by_its_pod_is_counted_once() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let dev = n.vfs[1].clone();
+    n.kubelet
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .await
+        .unwrap();
+    n.kubelet.allocate(NET, vec![vec![dev.clone()]]).await.unwrap();
+    n.podres
+        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    let ns = n.netns("web");
+    n.add(pod_req("sb-web", &ns, &dev, ("demo", "web")))
+        .await
+        .unwrap();
+    let after = std::time::Instant::now();
+    // Several PodResources polls (100 ms) and pushes later, the kubelet still sees it Healthy.
+    let unhealthy = n
+        .kubelet
+        .wait_snapshot(NET, None, Duration::from_millis(800), |s| {
+            !s.healthy_ids().contains(&dev)
+        })
+        .await;
+    assert!(unhealthy.is_err(), "shown Unhealthy: {unhealthy:?}");
+    assert!(after.elapsed() >= Duration::from_millis(700));
+}
+
+/// Finding 7: a VF taken through the node API turns Unhealthy at the kubelet at once, not at
+/// the next PodResources poll (an hour here) or host event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_reaches_the_kubelet_at_once() {
+    let mut n = Node::start_with(DriverProfile::default(), |o| {
+        o.podresources_interval = Duration::from_secs(3600);
+    })
+    .await;
+    n.kubelet
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .await
+        .unwrap();
+    let ns = n.netns("p");
+    let mut req = add_req("c-pool", &ns, "", full_config());
+    req.pool = "net".into();
+    let t = std::time::Instant::now();
+    let r = n.add(req).await.unwrap();
+    let snap = n
+        .kubelet
+        .wait_snapshot(NET, Some(t), Duration::from_secs(2), |s| {
+            !s.healthy_ids().contains(&r.pci_address)
+        })
+        .await
+        .expect("the kubelet hears of the reservation at once");
+    eprintln!("reservation -> kubelet snapshot: {:?}", t.elapsed());
+    assert_eq!(snap.healthy_ids().len(), 3);
+    // And the release: Healthy again at once.
+    let t = std::time::Instant::now();
+    assert!(n.del("c-pool", "net1", "").await.released);
+    n.kubelet
+        .wait_snapshot(NET, Some(t), Duration::from_secs(2), |s| {
+            s.healthy_ids().contains(&r.pci_address)
+        })
+        .await
+        .expect("the kubelet hears of the release at once");
+}
+
+/// Finding 5: with `pool`, the VF the kubelet gave this very pod is claimed first — also when
+/// PodResources has not been polled since (it is asked on the spot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_pool_the_pods_own_kubelet_vf_is_claimed_first() {
+    let mut n = Node::start_with(DriverProfile::default(), |o| {
+        o.podresources_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let dev = n.vfs[3].clone();
+    n.kubelet
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .await
+        .unwrap();
+    n.kubelet.allocate(NET, vec![vec![dev.clone()]]).await.unwrap();
+    n.podres
+        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    let ns = n.netns("web");
+    let mut req = pod_req("sb-web", &ns, "", ("demo", "web"));
+    req.pool = "net".into();
+    let r = n.add(req).await.unwrap();
+    assert_eq!(r.pci_address, dev, "took a second VF instead of the pod's own");
+    assert!(n.podres.list_calls() >= 1);
+    assert!(n.del("sb-web", "net1", "").await.released);
+    assert_eq!(n.state_of(&dev).await.state, "kubelet_allocated");
+}
+
+/// Finding 6: STATUS (the runtime's network readiness) does not depend on the kubelet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_ready_without_a_kubelet_registration() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    n.kubelet.stop();
+    n.restart().await;
+    let st = n
+        .client
+        .status(v1::StatusRequest { pool: "net".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.ready, "{st:?}");
+    assert_eq!(st.free, 4);
+}
+
+/// Finding 8: a pod whose NAD gives neither deviceID nor pool hears which VF it holds and how
+/// to get it; a netdev-style (IPAM) network on a vfio pool is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfigurations_are_refused_with_what_to_do() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let dev = n.vfs[2].clone();
+    n.podres
+        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    wait_state(&mut n, &dev, "kubelet_allocated").await;
+    let ns = n.netns("web");
+    let (code, msg) = n
+        .add(pod_req("sb-web", &ns, "", ("demo", "web")))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 7, "{msg}");
+    assert!(
+        msg.contains(&dev) && msg.contains("k8s.v1.cni.cncf.io/resourceName: vfplug.io/net"),
+        "{msg}"
+    );
+
+    let vm = n.vfs[4].clone();
+    let mut req = add_req("vm1", &ns, &vm, v1::VfConfig::default());
+    req.ips = vec![v1::IpConfig {
+        address: "10.9.0.5/24".into(),
+        ..Default::default()
+    }];
+    let (code, msg) = n.add(req).await.unwrap_err();
+    assert_eq!(code, 7, "{msg}");
+    assert!(msg.contains("ipam") && msg.contains("vfio"), "{msg}");
+    assert_eq!(n.state_of(&vm).await.state, "free");
+    assert_eq!(n.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
+}
+
+/// Finding 4 (the quarantine half): a quarantined VF says why, shows in List, and an operator
+/// can clear it; clearing is refused for a VF that is not quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_has_a_reason_and_can_be_cleared() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let dev = n.vfs[0].clone();
+    let ns = n.netns("pod");
+    n.add(add_req("c1", &ns, &dev, full_config())).await.unwrap();
+    n.pf.fail_next("vlan", Fault::Errno(5), 2);
+    assert!(!n.del("c1", "net1", "").await.released);
+    let e = n.state_of(&dev).await;
+    assert_eq!(e.state, "quarantined");
+    assert!(e.reason.contains("CNI DEL"), "{e:?}");
+    let owner = e.owner.expect("the previous owner is shown");
+    assert_eq!(owner.container_id, "c1");
+    let r = n
+        .client
+        .unquarantine(v1::UnquarantineRequest {
+            pci_address: dev.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.previous_reason, e.reason);
+    assert_eq!(n.state_of(&dev).await.state, "free");
+    let err = n
+        .client
+        .unquarantine(v1::UnquarantineRequest {
+            pci_address: dev.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&err).0, 102, "{err:?}");
+    let err = n
+        .client
+        .unquarantine(v1::UnquarantineRequest {
+            pci_address: "nonsense".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&err).0, 7, "{err:?}");
+}
+
+/// Finding 9: a kubelet allocation's owner shows in List; its device-info file goes when the
+/// kubelet lets the VF go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_owners_are_listed_and_device_info_files_removed() {
+    let mut n = Node::start_with(DriverProfile::default(), |o| {
+        o.kubelet_alloc_grace = Duration::from_millis(200);
+    })
+    .await;
+    let dev = n.vfs[1].clone();
+    n.kubelet
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .await
+        .unwrap();
+    n.kubelet.allocate(NET, vec![vec![dev.clone()]]).await.unwrap();
+    let info = std::fs::read_dir(n.root.join("devinfo"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(&dev))
+        .expect("Allocate wrote a device-info file");
+    n.podres
+        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    for _ in 0..200 {
+        if n.state_of(&dev).await.owner.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let owner = n.state_of(&dev).await.owner.expect("owner listed");
+    assert_eq!((owner.pod_namespace.as_str(), owner.pod_name.as_str()), ("demo", "web"));
+    n.podres.set_pods(vec![]);
+    wait_state(&mut n, &dev, "free").await;
+    assert!(!info.exists(), "{} is still there", info.display());
+}
+
+/// Finding 12: release resets a VF the workload drove through vfio and rebinds the driver it
+/// had; a failing reset quarantines it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_resets_and_rebinds_as_the_vf_was() {
+    // The fake binder knows the first vfio VF (on vfio-pci); the second is unknown to it, so
+    // its reset fails.
+    let vm: PciAddress = "0000:5e:01.0".parse().unwrap();
+    let binder = Arc::new(FakeDriverBinder::new([(vm, Some("vfio-pci".to_string()))]));
+    let b = Arc::clone(&binder);
+    let mut n = Node::start_with(DriverProfile::default(), move |o| {
+        o.driver_binder = Some(b.clone());
+    })
+    .await;
+    assert_eq!(n.vfs[4], vm.to_string());
+    let other: PciAddress = n.vfs[5].parse().unwrap();
+    let ns = n.netns("vm");
+    n.add(vfio_req("vm1", &ns, &vm.to_string(), v1::VfConfig::default()))
+        .await
+        .unwrap();
+    // While the VF was in use, someone unbound it from vfio-pci.
+    binder.unbind(vm).unwrap();
+    assert!(n.del("vm1", "net1", "").await.released);
+    let ops = binder.ops();
+    let tail: Vec<&BinderOp> = ops.iter().rev().take(2).collect();
+    assert_eq!(
+        tail,
+        vec![
+            &BinderOp::Bind(vm, "vfio-pci".into()),
+            &BinderOp::Reset(vm),
+        ],
+        "{ops:?}"
+    );
+    // A VF whose reset fails is quarantined, never freed.
+    n.add(vfio_req("vm2", &ns, &other.to_string(), v1::VfConfig::default()))
+        .await
+        .unwrap();
+    let d = n.del("vm2", "net1", "").await;
+    assert!(!d.released, "{d:?}");
+    let e = n.state_of(&other.to_string()).await;
+    assert_eq!(e.state, "quarantined");
+    assert!(e.reason.contains("resetting"), "{e:?}");
+}
+
+/// Must have 3: on start, half-done ADDs are undone as DEL would (settings written ahead but
+/// the ADD never finished), while finished ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_done_adds_are_undone_at_start() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let done = n.vfs[0].clone();
+    let ns = n.netns("pod");
+    n.add(add_req("c-done", &ns, &done, full_config()))
+        .await
+        .unwrap();
+    n.stop().await;
+    // While vfplugd is down: a second ADD's records, as a crash after its write-ahead record
+    // would leave them (its settings may or may not have reached the PF).
+    let half: PciAddress = n.vfs[1].parse().unwrap();
+    {
+        let (mut wal, rec) = Wal::<Ledger, Record>::open(&n.root.join("state")).unwrap();
+        let mut l = rec.snapshot.unwrap_or_default();
+        for r in &rec.records {
+            l.apply(r).unwrap();
+        }
+        let owner = Owner {
+            pod: "uid-half".into(),
+            container_id: "c-half".into(),
+            ifname: "net1".into(),
+        };
+        let r = l.plan_reserve(half, &owner).unwrap();
+        l.apply(&r).unwrap();
+        wal.append(&r, true).unwrap();
+        let token = r.new_token().unwrap();
+        let saved = SavedVfState::default();
+        let r = l
+            .plan_advance(
+                half,
+                token,
+                Step::Configure {
+                    saved,
+                    cni: Some(Box::new(CniAttachment {
+                        network: "net-a".into(),
+                        netns: ns.display().to_string(),
+                        complete: false,
+                        config: vfplug_core::VfConfig {
+                            vlan: Some(7),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    })),
+                },
+            )
+            .unwrap();
+        wal.append(&r, true).unwrap();
+    }
+    n.pf.set_vf(
+        "ens1f0",
+        1,
+        vfplug_host::net::VfChange::Vlan {
+            vlan: 7,
+            qos: 0,
+            proto: vfplug_core::VlanProto::Dot1Q,
+        },
+    )
+    .unwrap();
+    n.boot().await;
+    assert_eq!(n.state_of(&n.vfs[1].clone()).await.state, "free");
+    assert_eq!(n.pf_settings(1).vlan, 0, "the half-done ADD's VLAN was undone");
+    assert_eq!(n.state_of(&done).await.state, "configured");
 }

@@ -3,7 +3,9 @@
 //!
 //! - ADD: dial vfplugd (unreachable: 11, before anything is allocated), IPAM ADD, `Node.Add`
 //!   with the addresses; if `Node.Add` fails, IPAM DEL (rollback) and vfplugd's error.
-//! - DEL: `Node.Del` (unreachable: 11; the runtime retries DEL), then IPAM DEL. IPAM DEL is
+//! - DEL: `Node.Del` (unreachable: 11 when a prevResult shows an earlier ADD succeeded, so the
+//!   runtime retries; without one — from CNI 0.4.0 — success, as nothing was attached), then
+//!   IPAM DEL. IPAM DEL is
 //!   skipped when `Node.Del` failed, so the retried DEL does both and no address is reused
 //!   while the VF may still carry it.
 //! - CHECK: `Node.Check`, then IPAM CHECK.
@@ -22,7 +24,7 @@ use crate::ipam::{self, Delegate};
 use crate::mapping;
 use crate::node::NodeApi;
 use crate::result::CniResult;
-use crate::version::VersionInfo;
+use crate::version::{CniVersion, VersionInfo};
 
 /// VERSION's output. Needs no config, no runtime and no socket.
 pub fn version_output() -> String {
@@ -189,7 +191,25 @@ async fn del(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<(), Cn
     for note in &conf.ignored {
         debug!("DEL ignores a config error it does not need to care about: {note}");
     }
-    let mut node = connect(inv, CniCode::TryAgainLater).await?;
+    let mut node = match connect(inv, CniCode::TryAgainLater).await {
+        Ok(n) => n,
+        // From CNI 0.4.0 on, the runtime passes the cached result of a successful ADD as
+        // prevResult on DEL. Without one, no ADD of this attachment succeeded: vfplugd holds
+        // nothing for it that its own recovery does not undo, so an unreachable vfplugd must
+        // not keep the pod Terminating forever. (With a prevResult, 11: the runtime retries.)
+        Err(e) if conf.prev_result.is_none() && conf.cni_version >= CniVersion::V0_4_0 => {
+            warn!(
+                "vfplugd is unreachable ({}); no earlier ADD succeeded (no prevResult), so there \
+                 is nothing to release: DEL succeeds",
+                e.msg
+            );
+            if let Some(d) = delegate {
+                d.run(Command::Del).await?;
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let req = mapping::del_request(inv)?;
     debug!(?req, "Node.Del");
     let resp = node.del(req).await?;

@@ -223,8 +223,20 @@ fn vfplugd_unreachable_is_11_for_add_del_gc_and_50_for_status() {
     let sock = dir.path().join("absent.sock");
     let mut c = conf(&sock);
     c["cni.dev/valid-attachments"] = json!([]);
-    for (cmd, code) in [("ADD", 11), ("DEL", 11), ("GC", 11), ("STATUS", 50)] {
-        let out = Env::new(cmd, dir.path()).run(&c);
+    // DEL carries the cached result of the successful ADD: vfplugd holds a VF, retry (11).
+    let mut with_prev = c.clone();
+    with_prev["prevResult"] = json!({
+        "cniVersion": "1.1.0",
+        "interfaces": [{"name": "net1", "sandbox": "/var/run/netns/p", "pciID": "0000:3b:02.1"}],
+        "ips": [],
+    });
+    for (cmd, conf, code) in [
+        ("ADD", &c, 11),
+        ("DEL", &with_prev, 11),
+        ("GC", &c, 11),
+        ("STATUS", &c, 50),
+    ] {
+        let out = Env::new(cmd, dir.path()).run(conf);
         assert_eq!(out.error_code(), code, "{cmd}: {}", out.stdout);
         assert!(
             out.error_msg().contains(sock.to_str().unwrap()),
@@ -232,6 +244,17 @@ fn vfplugd_unreachable_is_11_for_add_del_gc_and_50_for_status() {
             out.stdout
         );
     }
+    // DEL without a prevResult: no ADD of this attachment ever succeeded, so there is nothing
+    // to release and the pod must not stay Terminating while vfplugd is away (issue 8, 8).
+    let out = Env::new("DEL", dir.path()).run(&c);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
+    // Before CNI 0.4.0 DEL never carries a prevResult: nothing can be concluded, retry.
+    let mut old = c.clone();
+    old["cniVersion"] = json!("0.3.1");
+    let out = Env::new("DEL", dir.path()).run(&old);
+    assert_eq!(out.error_code(), 11, "{}", out.stdout);
     // A socket file nobody listens on (vfplugd died): the same.
     let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     drop(_l);

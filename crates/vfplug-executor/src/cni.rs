@@ -197,6 +197,17 @@ impl<L: LedgerPort> Executor<L> {
                 "CNI_NETNS is empty (netdev mode needs it)",
             ));
         }
+        if mode == AttachMode::Vfio && (!req.ips.is_empty() || !req.routes.is_empty()) {
+            // Multus would report the address on an interface the pod does not have.
+            return Err(ExecError::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "ipam: pool {} hands out VFs on vfio-pci, which have no netdev in the pod to \
+                     put addresses or routes on; remove ipam from this network",
+                    f.resource
+                ),
+            ));
+        }
         if mode == AttachMode::Vfio && f.driver.as_deref() != Some(VFIO_PCI) && !f.pool.bind_vfio {
             return Err(ExecError::new(
                 ErrorKind::NoSuchDevice,
