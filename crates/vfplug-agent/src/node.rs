@@ -777,6 +777,9 @@ impl NodeService {
         let pf_lock = pf.as_deref().map(|p| self.pf_lock(p));
         let cni = lease.cni.clone();
         let saved = lease.saved.clone().unwrap_or_default();
+        // PCI addresses are the kernel's only on the real /sys (another root is a simulated node
+        // with stand-in netdevs): only then can retrieve check a link's parent device.
+        let vf_identity = (opts.sysfs_root == std::path::Path::new("/sys")).then_some(pci);
         let problems = tokio::task::spawn_blocking(move || {
             let mut problems: Vec<String> = Vec::new();
             let mut warnings: Vec<String> = Vec::new();
@@ -796,6 +799,7 @@ impl NodeService {
                     host_mtu: p.host_mtu,
                     altnames: p.altnames.clone(),
                     expect_macs: p.pod_mac.into_iter().chain(p.host_mac).collect(),
+                    vf: vf_identity,
                 };
                 match netdev.retrieve(&req) {
                     Ok(Retrieved::NotFound) => warnings.push(format!(

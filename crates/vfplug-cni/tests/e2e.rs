@@ -463,3 +463,52 @@ fn bad_inputs_fail_with_the_right_code_and_change_nothing() {
     ok(&h.cni("DEL", "holder", &holder_pod.path, "net1", &held));
     assert_untouched(&h, &pod, "after the holder's DEL");
 }
+
+/// Issue 8, finding 4, through the real binaries: an ADD whose interface name the pod already
+/// has is refused (101), and its rollback leaves the pod's own interface as it was and the VF
+/// free at home (before the fix it took the pod's link for the VF and quarantined the VF), so
+/// the next ADD gets the VF.
+#[test]
+fn add_over_an_existing_pod_interface_touches_neither_it_nor_the_vf() {
+    let Some(h) = host(
+        "add_over_an_existing_pod_interface_touches_neither_it_nor_the_vf",
+        1,
+    ) else {
+        return;
+    };
+    let pod = h.pod();
+    let n = pod.name.as_str();
+    common::ip(&[
+        "-n",
+        n,
+        "link",
+        "add",
+        "net1",
+        "address",
+        "02:00:00:00:e0:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "net1p",
+    ]);
+    common::ip(&["-n", n, "addr", "add", "10.88.0.2/24", "dev", "net1"]);
+    common::ip(&["-n", n, "link", "set", "net1", "up"]);
+    let before = link(Some(n), "net1").unwrap();
+    let conf = h.conf(json!({"deviceID": h.vfs[0].pci}));
+
+    let out = h.cni("ADD", "c1", &pod.path, "net1", &conf);
+    assert_eq!(out.error_code(), 101, "{}", out.stdout);
+    assert!(out.error_msg().contains("exists"), "{}", out.stdout);
+    assert_eq!(
+        link(Some(n), "net1").unwrap(),
+        before,
+        "the pod's net1 changed"
+    );
+    assert_eq!(h.state(&h.vfs[0].pci), "free", "{}", h.log());
+    h.assert_home(&h.vfs[0]);
+
+    let other = h.pod();
+    let r = add(&h, "c2", &other, &conf);
+    assert_eq!(r["interfaces"][0]["pciID"], h.vfs[0].pci.as_str());
+}
