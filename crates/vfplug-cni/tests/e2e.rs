@@ -2,18 +2,21 @@
 //! on a fake SR-IOV node whose VF netdevs are real veth links, into real network namespaces,
 //! with Debian's real `host-local` as the delegated IPAM (it speaks CNI up to 1.0.0; the configs
 //! here are 1.1.0, so every call also goes through version negotiation). The harness is
-//! `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise.
+//! `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise (fails with
+//! `VFPLUG_REQUIRE=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::{CNI_DIR, Host, Pod, link, links_in, missing_prerequisite};
 use serde_json::{Value, json};
+use vfplug_host::prereq;
 
-/// The host, or `None` after printing why the test cannot run here.
+/// The host, or `None` after saying why the test cannot run here (a failure instead with
+/// `VFPLUG_REQUIRE=1`).
 fn host(test: &str, vfs: u32) -> Option<Host> {
     if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP {test}: {why}");
+        prereq::skip(test, &why);
         return None;
     }
     Some(Host::start(vfs))

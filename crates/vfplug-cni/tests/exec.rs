@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use vfplug_api::{CniCode, v1};
 use vfplug_cni::devinfo::DeviceInfo;
 use vfplug_cni::testing::{Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, tempdir};
+use vfplug_host::prereq;
 
 const NETNS: &str = "/var/run/netns/pod-x";
 
@@ -664,16 +665,23 @@ fn a_hanging_ipam_plugin_is_killed_at_the_timeout() {
     assert!(node.calls().is_empty());
 }
 
+/// Whether Debian's host-local is installed; if not, says so (or fails, when required).
+fn host_local_present(test: &str) -> bool {
+    prereq::need(
+        test,
+        prereq::file(
+            std::path::Path::new("/usr/lib/cni/host-local"),
+            "apt-get install containernetworking-plugins",
+        ),
+    )
+    .is_some()
+}
+
 /// Debian's real host-local (containernetworking-plugins) as the delegated IPAM: the exec
 /// convention holds with a real plugin, and DEL releases what ADD allocated.
 #[test]
 fn real_host_local_ipam() {
-    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
-    if !host_local.exists() {
-        eprintln!(
-            "SKIP real_host_local_ipam because {} is missing (apt-get install containernetworking-plugins)",
-            host_local.display()
-        );
+    if !host_local_present("real_host_local_ipam") {
         return;
     }
     let dir = tempdir().unwrap();
@@ -809,12 +817,7 @@ fn ipam_plugin_whose_version_fails_gets_the_config_as_is() {
 /// work through negotiation.
 #[test]
 fn real_host_local_with_a_1_1_0_config() {
-    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
-    if !host_local.exists() {
-        eprintln!(
-            "SKIP real_host_local_with_a_1_1_0_config because {} is missing (apt-get install containernetworking-plugins)",
-            host_local.display()
-        );
+    if !host_local_present("real_host_local_with_a_1_1_0_config") {
         return;
     }
     let dir = tempdir().unwrap();

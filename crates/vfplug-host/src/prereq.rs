@@ -18,6 +18,7 @@
 //! }
 //! ```
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The environment variable that turns a missing prerequisite into a failure.
@@ -29,14 +30,18 @@ pub fn required() -> bool {
 }
 
 /// A prerequisite of `test` is missing: panics naming it when [`required`], else prints
-/// `SKIP <test>: <why>` on stderr. The caller returns right after.
+/// `SKIP <test>: <why>` on stderr, past libtest's output capture (nextest still shows a passing
+/// test's output only with `--no-capture` or `--success-output`). The caller returns right
+/// after.
 #[track_caller]
 #[allow(clippy::panic)] // A test helper: failing the test is its job.
 pub fn skip(test: &str, why: &str) {
     if required() {
         panic!("{test}: missing prerequisite: {why} ({REQUIRE_ENV}=1 makes this a failure)");
     }
-    eprintln!("SKIP {test}: {why}");
+    // Straight to the stderr handle, not `eprintln!`: the test harness captures the macros'
+    // output of passing tests, and a skip must be seen.
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
 /// `Ok(v)`: `Some(v)`. `Err(why)`: [`skip`] and `None`.

@@ -23,7 +23,8 @@ fn probe_needs_a_program_that_is_not_there() {
 
 fn run_probe(require: Option<&str>) -> (bool, String) {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", PROBE, "--nocapture", "--test-threads", "1"])
+    // Without --nocapture: the SKIP line must get past libtest's capture on its own.
+    c.args(["--exact", PROBE, "--test-threads", "1"])
         .env("VFPLUG_PREREQ_PROBE", "1")
         .env_remove(prereq::REQUIRE_ENV);
     if let Some(v) = require {
