@@ -12,18 +12,26 @@ use std::time::{Duration, Instant};
 
 use vfplug_agent::store::{Journal, SyncMode, spawn_writer};
 use vfplug_agent::wal::Wal;
-use vfplug_core::ledger::{Ledger, Owner, Record};
 use vfplug_core::PciAddress;
+use vfplug_core::ledger::{Ledger, Owner, Record};
 
 fn pci(i: u32) -> PciAddress {
-    PciAddress::new(0, 0x10 + (i / 256) as u8, ((i % 256) / 8) as u8, (i % 8) as u8).unwrap()
+    PciAddress::new(
+        0,
+        0x10 + (i / 256) as u8,
+        ((i % 256) / 8) as u8,
+        (i % 8) as u8,
+    )
+    .unwrap()
 }
 
 /// Returns (commits per second, syncs made, p50, p99 of one commit's wait).
 async fn run(mode: SyncMode, committers: u32, per: u32) -> (f64, u64, Duration, Duration) {
     let base = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+        });
     std::fs::create_dir_all(&base).unwrap();
     let dir = tempfile::tempdir_in(&base).unwrap();
     let (wal, rec) = Wal::<Ledger, Record>::open(dir.path()).unwrap();
@@ -101,9 +109,7 @@ async fn main() {
         let per = 2000 / committers.max(1);
         for mode in [SyncMode::EachRecord, SyncMode::Group] {
             let (rate, syncs, p50, p99) = run(mode, committers, per).await;
-            println!(
-                "| {committers} | {mode:?} | {rate:.0} | {syncs} | {p50:.2?} | {p99:.2?} |"
-            );
+            println!("| {committers} | {mode:?} | {rate:.0} | {syncs} | {p50:.2?} | {p99:.2?} |");
         }
     }
 }

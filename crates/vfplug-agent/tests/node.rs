@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use vfplug_agent::wal::Wal;
 use vfplug_agent::{Agent, AgentOptions};
 use vfplug_api::v1;
 use vfplug_api::v1::node_client::NodeClient;
-use vfplug_agent::wal::Wal;
 use vfplug_core::ledger::{Ledger, Owner, Record, Step};
 use vfplug_core::{CniAttachment, MacAddr, PciAddress, SavedVfState, VfLinkState};
 use vfplug_host::driver::{BinderOp, DriverBinder, FakeDriverBinder};
@@ -908,12 +908,22 @@ async fn a_kubelet_vf_claimed_by_its_pod_is_counted_once() {
     let mut n = Node::start(DriverProfile::default()).await;
     let dev = n.vfs[1].clone();
     n.kubelet
-        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| {
+            s.healthy_ids().len() == 4
+        })
         .await
         .unwrap();
-    n.kubelet.allocate(NET, vec![vec![dev.clone()]]).await.unwrap();
-    n.podres
-        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    n.kubelet
+        .allocate(NET, vec![vec![dev.clone()]])
+        .await
+        .unwrap();
+    n.podres.set_pods(vec![FakePodResources::pod(
+        "demo",
+        "web",
+        "c",
+        NET,
+        &[&dev],
+    )]);
     let ns = n.netns("web");
     n.add(pod_req("sb-web", &ns, &dev, ("demo", "web")))
         .await
@@ -939,7 +949,9 @@ async fn a_reservation_reaches_the_kubelet_at_once() {
     })
     .await;
     n.kubelet
-        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| {
+            s.healthy_ids().len() == 4
+        })
         .await
         .unwrap();
     let ns = n.netns("p");
@@ -977,17 +989,30 @@ async fn with_a_pool_the_pods_own_kubelet_vf_is_claimed_first() {
     .await;
     let dev = n.vfs[3].clone();
     n.kubelet
-        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| {
+            s.healthy_ids().len() == 4
+        })
         .await
         .unwrap();
-    n.kubelet.allocate(NET, vec![vec![dev.clone()]]).await.unwrap();
-    n.podres
-        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    n.kubelet
+        .allocate(NET, vec![vec![dev.clone()]])
+        .await
+        .unwrap();
+    n.podres.set_pods(vec![FakePodResources::pod(
+        "demo",
+        "web",
+        "c",
+        NET,
+        &[&dev],
+    )]);
     let ns = n.netns("web");
     let mut req = pod_req("sb-web", &ns, "", ("demo", "web"));
     req.pool = "net".into();
     let r = n.add(req).await.unwrap();
-    assert_eq!(r.pci_address, dev, "took a second VF instead of the pod's own");
+    assert_eq!(
+        r.pci_address, dev,
+        "took a second VF instead of the pod's own"
+    );
     assert!(n.podres.list_calls() >= 1);
     assert!(n.del("sb-web", "net1", "").await.released);
     assert_eq!(n.state_of(&dev).await.state, "kubelet_allocated");
@@ -1015,8 +1040,13 @@ async fn status_is_ready_without_a_kubelet_registration() {
 async fn misconfigurations_are_refused_with_what_to_do() {
     let mut n = Node::start(DriverProfile::default()).await;
     let dev = n.vfs[2].clone();
-    n.podres
-        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    n.podres.set_pods(vec![FakePodResources::pod(
+        "demo",
+        "web",
+        "c",
+        NET,
+        &[&dev],
+    )]);
     wait_state(&mut n, &dev, "kubelet_allocated").await;
     let ns = n.netns("web");
     let (code, msg) = n
@@ -1049,7 +1079,9 @@ async fn a_quarantine_has_a_reason_and_can_be_cleared() {
     let mut n = Node::start(DriverProfile::default()).await;
     let dev = n.vfs[0].clone();
     let ns = n.netns("pod");
-    n.add(add_req("c1", &ns, &dev, full_config())).await.unwrap();
+    n.add(add_req("c1", &ns, &dev, full_config()))
+        .await
+        .unwrap();
     n.pf.fail_next("vlan", Fault::Errno(5), 2);
     assert!(!n.del("c1", "net1", "").await.released);
     let e = n.state_of(&dev).await;
@@ -1095,17 +1127,27 @@ async fn kubelet_owners_are_listed_and_device_info_files_removed() {
     .await;
     let dev = n.vfs[1].clone();
     n.kubelet
-        .wait_snapshot(NET, None, Duration::from_secs(10), |s| s.healthy_ids().len() == 4)
+        .wait_snapshot(NET, None, Duration::from_secs(10), |s| {
+            s.healthy_ids().len() == 4
+        })
         .await
         .unwrap();
-    n.kubelet.allocate(NET, vec![vec![dev.clone()]]).await.unwrap();
+    n.kubelet
+        .allocate(NET, vec![vec![dev.clone()]])
+        .await
+        .unwrap();
     let info = std::fs::read_dir(n.root.join("devinfo"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.to_string_lossy().contains(&dev))
         .expect("Allocate wrote a device-info file");
-    n.podres
-        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[&dev])]);
+    n.podres.set_pods(vec![FakePodResources::pod(
+        "demo",
+        "web",
+        "c",
+        NET,
+        &[&dev],
+    )]);
     for _ in 0..200 {
         if n.state_of(&dev).await.owner.is_some() {
             break;
@@ -1113,7 +1155,10 @@ async fn kubelet_owners_are_listed_and_device_info_files_removed() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let owner = n.state_of(&dev).await.owner.expect("owner listed");
-    assert_eq!((owner.pod_namespace.as_str(), owner.pod_name.as_str()), ("demo", "web"));
+    assert_eq!(
+        (owner.pod_namespace.as_str(), owner.pod_name.as_str()),
+        ("demo", "web")
+    );
     n.podres.set_pods(vec![]);
     wait_state(&mut n, &dev, "free").await;
     assert!(!info.exists(), "{} is still there", info.display());
@@ -1135,9 +1180,14 @@ async fn release_resets_and_rebinds_as_the_vf_was() {
     assert_eq!(n.vfs[4], vm.to_string());
     let other: PciAddress = n.vfs[5].parse().unwrap();
     let ns = n.netns("vm");
-    n.add(vfio_req("vm1", &ns, &vm.to_string(), v1::VfConfig::default()))
-        .await
-        .unwrap();
+    n.add(vfio_req(
+        "vm1",
+        &ns,
+        &vm.to_string(),
+        v1::VfConfig::default(),
+    ))
+    .await
+    .unwrap();
     // While the VF was in use, someone unbound it from vfio-pci.
     binder.unbind(vm).unwrap();
     assert!(n.del("vm1", "net1", "").await.released);
@@ -1145,16 +1195,18 @@ async fn release_resets_and_rebinds_as_the_vf_was() {
     let tail: Vec<&BinderOp> = ops.iter().rev().take(2).collect();
     assert_eq!(
         tail,
-        vec![
-            &BinderOp::Bind(vm, "vfio-pci".into()),
-            &BinderOp::Reset(vm),
-        ],
+        vec![&BinderOp::Bind(vm, "vfio-pci".into()), &BinderOp::Reset(vm),],
         "{ops:?}"
     );
     // A VF whose reset fails is quarantined, never freed.
-    n.add(vfio_req("vm2", &ns, &other.to_string(), v1::VfConfig::default()))
-        .await
-        .unwrap();
+    n.add(vfio_req(
+        "vm2",
+        &ns,
+        &other.to_string(),
+        v1::VfConfig::default(),
+    ))
+    .await
+    .unwrap();
     let d = n.del("vm2", "net1", "").await;
     assert!(!d.released, "{d:?}");
     let e = n.state_of(&other.to_string()).await;
@@ -1225,6 +1277,10 @@ async fn half_done_adds_are_undone_at_start() {
     .unwrap();
     n.boot().await;
     assert_eq!(n.state_of(&n.vfs[1].clone()).await.state, "free");
-    assert_eq!(n.pf_settings(1).vlan, 0, "the half-done ADD's VLAN was undone");
+    assert_eq!(
+        n.pf_settings(1).vlan,
+        0,
+        "the half-done ADD's VLAN was undone"
+    );
     assert_eq!(n.state_of(&done).await.state, "configured");
 }

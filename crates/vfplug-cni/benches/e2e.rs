@@ -140,7 +140,7 @@ fn concurrent(h: &Host, pods: &[Pod], cmd: &str) -> (Vec<Duration>, usize, Durat
 
 fn main() {
     if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP benches/e2e: {why}");
+        vfplug_host::prereq::skip("benches/e2e", &why);
         return;
     }
     let n: usize = std::env::var("VFPLUG_BENCH_N")

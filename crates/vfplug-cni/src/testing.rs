@@ -596,21 +596,6 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// For a test that needs something this machine may lack (an external program, root):
-/// `available` passes through; when it is `false` this prints a loud SKIP line naming `test`
-/// and `missing`, or panics when `VFPLUG_REQUIRE=1` (what CI sets), so a missing dependency
-/// cannot make a test pass there.
-pub fn require(available: bool, test: &str, missing: &str) -> bool {
-    if available {
-        return true;
-    }
-    if std::env::var("VFPLUG_REQUIRE").as_deref() == Ok("1") {
-        panic!("{test}: {missing}, and VFPLUG_REQUIRE=1");
-    }
-    eprintln!("SKIP {test} because {missing}");
-    false
-}
-
 /// A scratch directory for a test (removed when dropped).
 pub fn tempdir() -> std::io::Result<tempfile::TempDir> {
     tempfile::Builder::new().prefix("vfplug-cni-").tempdir()

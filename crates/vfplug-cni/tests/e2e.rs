@@ -1,21 +1,23 @@
 //! End to end: the real `vfplug` binary, exec'd as a runtime does, against the real `vfplugd`
 //! on a fake SR-IOV node whose VF netdevs are real veth links, into real network namespaces,
 //! with Debian's real `host-local` as the delegated IPAM (it speaks CNI up to 1.0.0; the configs
-//! here are 1.1.0, so those calls are also lowered by version negotiation; 0.3.1 and 0.2.0 ones
-//! in `older_cni_versions_add_and_del`). The harness is `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise
-//! (fails under `VFPLUG_REQUIRE=1`).
+//! here are 1.1.0, so every call also goes through version negotiation; 0.3.1 and 0.2.0 ones
+//! in `older_cni_versions_add_and_del`). The harness is
+//! `tests/common/mod.rs`. Needs root, `ip` and /usr/lib/cni/host-local; skips loudly otherwise (fails with
+//! `VFPLUG_REQUIRE=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::{CNI_DIR, Host, Pod, link, links_in, missing_prerequisite};
 use serde_json::{Value, json};
+use vfplug_host::prereq;
 
-/// The host, or `None` after printing why the test cannot run here (a failure instead under
+/// The host, or `None` after saying why the test cannot run here (a failure instead with
 /// `VFPLUG_REQUIRE=1`).
 fn host(test: &str, vfs: u32) -> Option<Host> {
     if let Some(why) = missing_prerequisite() {
-        vfplug_cni::testing::require(false, test, &why);
+        prereq::skip(test, &why);
         return None;
     }
     Some(Host::start(vfs))
@@ -518,4 +520,53 @@ fn bad_inputs_fail_with_the_right_code_and_change_nothing() {
     assert_eq!(h.state(&vf1.pci), "configured");
     ok(&h.cni("DEL", "holder", &holder_pod.path, "net1", &held));
     assert_untouched(&h, &pod, "after the holder's DEL");
+}
+
+/// Issue 8, finding 4, through the real binaries: an ADD whose interface name the pod already
+/// has is refused (101), and its rollback leaves the pod's own interface as it was and the VF
+/// free at home (before the fix it took the pod's link for the VF and quarantined the VF), so
+/// the next ADD gets the VF.
+#[test]
+fn add_over_an_existing_pod_interface_touches_neither_it_nor_the_vf() {
+    let Some(h) = host(
+        "add_over_an_existing_pod_interface_touches_neither_it_nor_the_vf",
+        1,
+    ) else {
+        return;
+    };
+    let pod = h.pod();
+    let n = pod.name.as_str();
+    common::ip(&[
+        "-n",
+        n,
+        "link",
+        "add",
+        "net1",
+        "address",
+        "02:00:00:00:e0:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "net1p",
+    ]);
+    common::ip(&["-n", n, "addr", "add", "10.88.0.2/24", "dev", "net1"]);
+    common::ip(&["-n", n, "link", "set", "net1", "up"]);
+    let before = link(Some(n), "net1").unwrap();
+    let conf = h.conf(json!({"deviceID": h.vfs[0].pci}));
+
+    let out = h.cni("ADD", "c1", &pod.path, "net1", &conf);
+    assert_eq!(out.error_code(), 101, "{}", out.stdout);
+    assert!(out.error_msg().contains("exists"), "{}", out.stdout);
+    assert_eq!(
+        link(Some(n), "net1").unwrap(),
+        before,
+        "the pod's net1 changed"
+    );
+    assert_eq!(h.state(&h.vfs[0].pci), "free", "{}", h.log());
+    h.assert_home(&h.vfs[0]);
+
+    let other = h.pod();
+    let r = add(&h, "c2", &other, &conf);
+    assert_eq!(r["interfaces"][0]["pciID"], h.vfs[0].pci.as_str());
 }

@@ -9,17 +9,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use vfplug_api::{CniCode, v1};
 use vfplug_cni::devinfo::DeviceInfo;
-use vfplug_cni::testing::{
-    Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, require, tempdir,
-};
+use vfplug_cni::testing::{Call, Failure, FakeIpam, FakeNode, Plugin, PluginRun, Script, tempdir};
+use vfplug_host::prereq;
 
 const NETNS: &str = "/var/run/netns/pod-x";
 
 /// Debian's host-local (package containernetworking-plugins).
-const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
-const HOST_LOCAL_MISSING: &str =
-    "/usr/lib/cni/host-local is missing (apt-get install containernetworking-plugins)";
-
 fn plugin() -> Plugin {
     Plugin::new(env!("CARGO_BIN_EXE_vfplug"))
 }
@@ -694,15 +689,23 @@ fn a_hanging_ipam_plugin_is_killed_at_the_timeout() {
     assert!(node.calls().is_empty());
 }
 
+/// Whether Debian's host-local is installed; if not, says so (or fails, when required).
+fn host_local_present(test: &str) -> bool {
+    prereq::need(
+        test,
+        prereq::file(
+            std::path::Path::new("/usr/lib/cni/host-local"),
+            "apt-get install containernetworking-plugins",
+        ),
+    )
+    .is_some()
+}
+
 /// Debian's real host-local (containernetworking-plugins) as the delegated IPAM: the exec
 /// convention holds with a real plugin, and DEL releases what ADD allocated.
 #[test]
 fn real_host_local_ipam() {
-    if !require(
-        std::path::Path::new(HOST_LOCAL).exists(),
-        "real_host_local_ipam",
-        HOST_LOCAL_MISSING,
-    ) {
+    if !host_local_present("real_host_local_ipam") {
         return;
     }
     let dir = tempdir().unwrap();
@@ -838,11 +841,7 @@ fn ipam_plugin_whose_version_fails_gets_the_config_as_is() {
 /// work through negotiation.
 #[test]
 fn real_host_local_with_a_1_1_0_config() {
-    if !require(
-        std::path::Path::new(HOST_LOCAL).exists(),
-        "real_host_local_with_a_1_1_0_config",
-        HOST_LOCAL_MISSING,
-    ) {
+    if !host_local_present("real_host_local_with_a_1_1_0_config") {
         return;
     }
     let dir = tempdir().unwrap();
@@ -1107,11 +1106,7 @@ fn ipam_plugin_older_than_a_0_4_0_config_gets_0_3_1() {
 /// allocates and prints that version's shape, DEL releases.
 #[test]
 fn real_host_local_with_0_3_1_and_0_2_0_configs() {
-    if !require(
-        std::path::Path::new(HOST_LOCAL).exists(),
-        "real_host_local_with_0_3_1_and_0_2_0_configs",
-        HOST_LOCAL_MISSING,
-    ) {
+    if !host_local_present("real_host_local_with_0_3_1_and_0_2_0_configs") {
         return;
     }
     let cni = std::path::Path::new("/usr/lib/cni");

@@ -179,6 +179,10 @@ impl<L: LedgerPort> Executor<L> {
                     host_mtu: p.host_mtu,
                     altnames: p.altnames.clone(),
                     expect_macs: p.pod_mac.into_iter().chain(p.host_mac).collect(),
+                    // PCI addresses are the kernel's only under the real /sys (another root is
+                    // a simulated node with stand-in netdevs): only then can retrieve check a
+                    // link's parent device.
+                    vf: (host.sysfs_root == std::path::Path::new("/sys")).then_some(pci),
                 };
                 match host.netdev.retrieve(&req) {
                     Ok(Retrieved::NotFound) => warnings.push(format!(

@@ -29,6 +29,9 @@
 //!   the kernel does (real files, relative symlinks) and mutates them like the kernel would
 //!   (`set_num_vfs`, `rebind`, `move_vf_netdev_away`, `set_carrier`); `FixtureKernel` plays
 //!   the kernel's side of driver binding; `fixture::tempdir()` puts trees on tmpfs.
+//! - `prereq` (cargo feature `fixture`) — every crate's tests that need root, `ip`, QEMU or
+//!   the CNI plugins check them through it: `SKIP <test>: <why>`, or a failure with
+//!   `VFPLUG_REQUIRE=1`.
 //!
 //! Nothing here hard-codes `/sys`: every type takes the root, so tests run in parallel on
 //! fake trees and never touch the machine's devices.
@@ -39,6 +42,8 @@ pub mod error;
 pub mod fixture;
 pub mod net;
 pub mod netdev;
+#[cfg(any(test, feature = "fixture"))]
+pub mod prereq;
 pub mod rtnl;
 pub mod sim;
 pub mod sysfs;

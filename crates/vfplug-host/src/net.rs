@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use vfplug_core::{MacAddr, VfLinkState, VlanProto};
+use vfplug_core::{MacAddr, PciAddress, VfLinkState, VlanProto};
 
 /// One VF's settings as its PF reports them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -243,6 +243,10 @@ pub struct LinkInfo {
     pub altnames: Vec<String>,
     /// Addresses (CIDR), global scope only.
     pub addresses: Vec<IpNet>,
+    /// The device the kernel names as the link's parent (`IFLA_PARENT_DEV_NAME`): a VF
+    /// netdev's is its PCI address, whatever netns it is in. `None`: a virtual link (veth,
+    /// macvlan, ...), or a kernel that does not report it.
+    pub parent: Option<String>,
 }
 
 /// Move a host netdev into a pod.
@@ -284,11 +288,69 @@ pub struct RetrieveRequest {
     pub host_mtu: u32,
     /// Altnames to put back.
     pub altnames: Vec<String>,
-    /// A link found under a name other than `host_name` is only taken if its MAC is one of
-    /// these (the MAC it had in the pod, its host MAC); empty: no MAC check. Together with
-    /// "it must be down", this keeps a host link that merely shares the pod's interface name
-    /// from being taken for the VF.
+    /// MACs the VF's netdev may have (the one it had in the pod, its host MAC). A link in the
+    /// pod, or at home under a name other than `host_name`, is only taken if it is proved to be
+    /// the VF (see [`RetrieveRequest::identify`]); empty: nothing in the pod is ever taken.
     pub expect_macs: Vec<MacAddr>,
+    /// The VF's PCI address: when the kernel reports a link's parent device, that decides
+    /// whether the link is the VF (`None`: only the MACs can, e.g. for a veth stand-in).
+    pub vf: Option<PciAddress>,
+}
+
+impl RetrieveRequest {
+    /// Whether `l`, found by name in the pod (or at home under a name other than
+    /// `host_name`), is provably the VF's netdev; `Err` says why not. The pod's own interfaces
+    /// may share the name (an ADD refused with "eth0 already exists" is rolled back through
+    /// here), so a name is never enough:
+    /// 1. the VF's PCI address known and the link's parent device reported: they must match;
+    /// 2. the VF known, the kernel reporting parents (`parents_reported`) and the link having
+    ///    none: a virtual link, not the VF;
+    /// 3. otherwise the link's MAC must be one of [`expect_macs`](Self::expect_macs).
+    pub fn identify(&self, l: &LinkInfo, parents_reported: bool) -> Result<(), String> {
+        match (&self.vf, &l.parent) {
+            (Some(vf), Some(parent)) => {
+                return if *parent == vf.to_string() {
+                    Ok(())
+                } else {
+                    Err(format!("its parent device is {parent}, not the VF {vf}"))
+                };
+            }
+            (Some(vf), None) if parents_reported => {
+                return Err(format!(
+                    "it has no parent device (a virtual link), not the VF {vf}"
+                ));
+            }
+            _ => {}
+        }
+        match l.mac {
+            Some(m) if self.expect_macs.contains(&m) => Ok(()),
+            Some(m) => Err(format!(
+                "its MAC {m} is none of the VF's [{}]",
+                self.expect_macs_text()
+            )),
+            None => Err("it has no MAC".into()),
+        }
+    }
+
+    /// Whether the link at home under `host_name` is not the VF after all: only a parent
+    /// device other than the VF's (or none, where the kernel reports parents) says so; its MAC
+    /// proves nothing there (the PF's admin MAC may have changed it).
+    pub fn foreign_at_home(&self, l: &LinkInfo, parents_reported: bool) -> Option<String> {
+        match (&self.vf, &l.parent) {
+            (Some(vf), Some(parent)) if *parent != vf.to_string() => {
+                Some(format!("its parent device is {parent}, not the VF {vf}"))
+            }
+            (Some(vf), None) if parents_reported => Some(format!(
+                "it has no parent device (a virtual link), not the VF {vf}"
+            )),
+            _ => None,
+        }
+    }
+
+    fn expect_macs_text(&self) -> String {
+        let macs: Vec<String> = self.expect_macs.iter().map(ToString::to_string).collect();
+        macs.join(", ")
+    }
 }
 
 /// What [`NetdevOps::retrieve`] found.
@@ -298,7 +360,8 @@ pub enum Retrieved {
     FromPod,
     /// It was already in vfplugd's netns (the pod's netns died); renamed and restored.
     FromHost,
-    /// Nowhere to be found (e.g. a virtual stand-in destroyed with its netns). Nothing done.
+    /// Nowhere to be found (e.g. a virtual stand-in destroyed with its netns), or only links
+    /// that merely share a name with it (left untouched). Nothing done.
     NotFound,
 }
 
@@ -313,4 +376,83 @@ pub trait NetdevOps: Send + Sync + fmt::Debug {
     /// Brings the netdev back and restores name, MAC, MTU and altnames; it is left down.
     /// Idempotent: a second call finds it at home and returns [`Retrieved::FromHost`].
     fn retrieve(&self, req: &RetrieveRequest) -> Result<Retrieved, NetError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(vf: Option<&str>, macs: &[&str]) -> RetrieveRequest {
+        RetrieveRequest {
+            netns: None,
+            pod_ifname: "eth0".into(),
+            host_candidates: vec![],
+            host_name: "ens1f0v2".into(),
+            host_mac: None,
+            host_mtu: 1500,
+            altnames: vec![],
+            expect_macs: macs.iter().map(|m| m.parse().unwrap()).collect(),
+            vf: vf.map(|v| v.parse().unwrap()),
+        }
+    }
+
+    fn link(mac: &str, parent: Option<&str>) -> LinkInfo {
+        LinkInfo {
+            name: "eth0".into(),
+            mac: Some(mac.parse().unwrap()),
+            parent: parent.map(str::to_owned),
+            ..LinkInfo::default()
+        }
+    }
+
+    const VF: &str = "0000:3b:02.1";
+    const M: &str = "02:00:00:00:00:01";
+    const OTHER: &str = "02:00:00:00:00:02";
+
+    #[test]
+    fn the_parent_device_decides_when_known() {
+        let r = req(Some(VF), &[M]);
+        for reported in [false, true] {
+            assert!(r.identify(&link(OTHER, Some(VF)), reported).is_ok());
+            assert!(
+                r.identify(&link(M, Some("0000:3b:02.2")), reported)
+                    .is_err()
+            );
+            assert!(r.identify(&link(M, Some("virtio2")), reported).is_err());
+        }
+        // No parent where the kernel reports parents: a virtual link, whatever its MAC.
+        assert!(r.identify(&link(M, None), true).is_err());
+        // Where it may not: the MAC decides.
+        assert!(r.identify(&link(M, None), false).is_ok());
+        assert!(r.identify(&link(OTHER, None), false).is_err());
+    }
+
+    #[test]
+    fn without_the_vf_address_only_an_expected_mac_proves_it() {
+        assert!(req(None, &[M]).identify(&link(M, None), true).is_ok());
+        assert!(req(None, &[M]).identify(&link(M, Some(VF)), true).is_ok());
+        let e = req(None, &[M])
+            .identify(&link(OTHER, None), true)
+            .unwrap_err();
+        assert!(e.contains(OTHER) && e.contains(M), "{e}");
+        assert!(req(None, &[]).identify(&link(M, None), false).is_err());
+        let no_mac = LinkInfo::default();
+        assert!(req(None, &[M]).identify(&no_mac, false).is_err());
+    }
+
+    #[test]
+    fn at_home_under_its_name_only_another_parent_makes_it_foreign() {
+        let r = req(Some(VF), &[M]);
+        assert_eq!(r.foreign_at_home(&link(OTHER, Some(VF)), true), None);
+        assert!(
+            r.foreign_at_home(&link(M, Some("0000:3b:02.2")), false)
+                .is_some()
+        );
+        assert!(r.foreign_at_home(&link(M, None), true).is_some());
+        assert_eq!(r.foreign_at_home(&link(M, None), false), None);
+        assert_eq!(
+            req(None, &[]).foreign_at_home(&link(OTHER, None), true),
+            None
+        );
+    }
 }

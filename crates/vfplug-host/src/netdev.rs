@@ -123,6 +123,7 @@ fn link_from(m: &LinkMessage) -> LinkInfo {
                     }
                 }
             }
+            LinkAttribute::ParentDevName(n) => l.parent = Some(n.clone()),
             _ => {}
         }
     }
@@ -441,6 +442,19 @@ pub struct RtNetdevOps {
     home_path: PathBuf,
     /// Idle sockets in `home`, so concurrent calls do not wait for each other.
     idle: Mutex<Vec<Conn>>,
+    /// Whether a link without `IFLA_PARENT_DEV_NAME` is known to have no parent device (see
+    /// [`kernel_reports_parents`]).
+    parents_reported: bool,
+}
+
+/// Whether this kernel reports `IFLA_PARENT_DEV_NAME` for every link that has a parent
+/// device. The attribute came in the 5.x series; only from 6.0 on is its absence taken to mean
+/// "a virtual link", conservatively. Unknown: `false` (the MACs decide then).
+fn kernel_reports_parents() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|r| r.split('.').next()?.trim().parse::<u32>().ok())
+        .is_some_and(|major| major >= 6)
 }
 
 /// A socket in vfplugd's netns, back to the idle list when dropped.
@@ -485,6 +499,7 @@ impl RtNetdevOps {
             home,
             home_path: path.to_owned(),
             idle: Mutex::new(vec![first]),
+            parents_reported: kernel_reports_parents(),
         })
     }
 
@@ -729,6 +744,13 @@ impl RtNetdevOps {
         else {
             return Ok(false);
         };
+        // The pod's own interface of that name (an ADD refused with "exists" comes back
+        // here): not renamed, moved or changed.
+        if let Err(why) = req.identify(&l, self.parents_reported) {
+            tracing::warn!(netns = %path.display(), link = %l.name, %why,
+                "a link in the pod has the VF's name but is not the VF; left alone");
+            return Ok(false);
+        }
         if let Some(other) = host.get(&req.host_name)? {
             return Err(NetError::Exists {
                 op: format!(
@@ -824,19 +846,23 @@ impl NetdevOps for RtNetdevOps {
             let Some(l) = host.get(cand)?.filter(|l| l.name == *cand) else {
                 continue;
             };
-            // A name other than the host name (e.g. `eth0`) may belong to one of the host's own
-            // links. A netdev back from a dead netns is down (the kernel closes it when it
-            // changes netns), so an up link under such a name is not ours: never touch it.
-            if *cand != req.host_name && l.up {
-                tracing::warn!(candidate = %cand, "a link of that name is up: not the VF's; skipped");
-                continue;
-            }
-            if *cand != req.host_name
-                && !req.expect_macs.is_empty()
-                && !l.mac.is_some_and(|m| req.expect_macs.contains(&m))
-            {
-                tracing::warn!(candidate = %cand, "a link of that name has another MAC: not the VF's; skipped");
-                continue;
+            if *cand == req.host_name {
+                if let Some(why) = req.foreign_at_home(&l, self.parents_reported) {
+                    tracing::warn!(candidate = %cand, %why, "a link has the VF's host name but is not the VF; skipped");
+                    continue;
+                }
+            } else {
+                // A name other than the host name (e.g. `eth0`) may belong to one of the host's
+                // own links. A netdev back from a dead netns is down (the kernel closes it when
+                // it changes netns), so an up link under such a name is not ours.
+                if l.up {
+                    tracing::warn!(candidate = %cand, "a link of that name is up: not the VF's; skipped");
+                    continue;
+                }
+                if let Err(why) = req.identify(&l, self.parents_reported) {
+                    tracing::warn!(candidate = %cand, %why, "a link of that name is not the VF; skipped");
+                    continue;
+                }
             }
             self.restore_at_home(&mut host, l.index, req)?;
             return Ok(Retrieved::FromHost);

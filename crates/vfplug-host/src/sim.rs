@@ -186,7 +186,9 @@ impl VfNetlink for SimVfNetlink {
 /// An in-memory [`NetdevOps`]: named netns (by path) holding links, for in-process tests of
 /// the node API without root (the real thing is `netdev::RtNetdevOps`). A netns "exists" once
 /// [`SimNetdevOps::add_netns`] made it; links in a deleted netns return to the host, as the
-/// kernel does with physical netdevs.
+/// kernel does with physical netdevs. `retrieve` tells the VF from a link that merely shares
+/// its name with [`RetrieveRequest::identify`], as the real one does, on a kernel that does
+/// not report parent devices unless [`SimNetdevOps::report_parents`] says otherwise.
 #[derive(Debug, Default)]
 pub struct SimNetdevOps {
     inner: Mutex<SimNet>,
@@ -197,6 +199,7 @@ struct SimNet {
     /// netns path (`None`: the host's) → links by name.
     spaces: BTreeMap<Option<std::path::PathBuf>, BTreeMap<String, LinkInfo>>,
     fail_place: usize,
+    parents_reported: bool,
 }
 
 impl SimNetdevOps {
@@ -218,6 +221,21 @@ impl SimNetdevOps {
     /// Creates a netns at `path`.
     pub fn add_netns(&self, path: &Path) {
         self.lock().spaces.entry(Some(path.to_owned())).or_default();
+    }
+
+    /// Adds a link of the pod's own to the netns at `path` (made if needed).
+    pub fn add_pod_link(&self, path: &Path, link: LinkInfo) {
+        self.lock()
+            .spaces
+            .entry(Some(path.to_owned()))
+            .or_default()
+            .insert(link.name.clone(), link);
+    }
+
+    /// Behave like a kernel that reports every link's parent device (Linux 6.x), so a link
+    /// without [`LinkInfo::parent`] is a virtual one.
+    pub fn report_parents(&self, yes: bool) {
+        self.lock().parents_reported = yes;
     }
 
     /// Deletes the netns at `path`; its links move to the host under their current names.
@@ -302,21 +320,27 @@ impl NetdevOps for SimNetdevOps {
 
     fn retrieve(&self, req: &RetrieveRequest) -> Result<Retrieved, NetError> {
         let mut g = self.lock();
+        let parents = g.parents_reported;
         let mut found = None;
         if let Some(ns) = &req.netns
             && let Some(space) = g.spaces.get_mut(&Some(ns.clone()))
+            && space
+                .get(&req.pod_ifname)
+                .is_some_and(|l| req.identify(l, parents).is_ok())
             && let Some(l) = space.remove(&req.pod_ifname)
         {
             found = Some((l, Retrieved::FromPod));
         }
         if found.is_none() {
             let host = g.spaces.entry(None).or_default();
-            for c in &req.host_candidates {
+            let order = std::iter::once(&req.host_name).chain(&req.host_candidates);
+            for c in order {
                 let ours = host.get(c).is_some_and(|l| {
-                    *c == req.host_name
-                        || (!l.up
-                            && (req.expect_macs.is_empty()
-                                || l.mac.is_some_and(|m| req.expect_macs.contains(&m))))
+                    if *c == req.host_name {
+                        req.foreign_at_home(l, parents).is_none()
+                    } else {
+                        !l.up && req.identify(l, parents).is_ok()
+                    }
                 });
                 if ours && let Some(l) = host.remove(c) {
                     found = Some((l, Retrieved::FromHost));
@@ -359,6 +383,58 @@ mod tests {
             max_tx_rate: Some(500),
             mtu: None,
         }
+    }
+
+    #[test]
+    fn retrieve_leaves_a_pod_link_that_only_shares_the_name_alone() {
+        let net = SimNetdevOps::default();
+        let ns = std::path::PathBuf::from("/var/run/netns/pod");
+        let vf_mac: MacAddr = "02:00:00:00:00:07".parse().unwrap();
+        net.add_host_link(LinkInfo {
+            name: "ens1f0v0".into(),
+            mac: Some(vf_mac),
+            ..LinkInfo::default()
+        });
+        let own = LinkInfo {
+            name: "eth0".into(),
+            mac: Some("02:00:00:00:e0:01".parse().unwrap()),
+            up: true,
+            ..LinkInfo::default()
+        };
+        net.add_pod_link(&ns, own.clone());
+        let place = PlaceRequest {
+            host_name: "ens1f0v0".into(),
+            netns: ns.clone(),
+            pod_ifname: "eth0".into(),
+            mac: None,
+            mtu: None,
+            addresses: vec![],
+            routes: vec![],
+        };
+        assert!(matches!(net.place(&place), Err(NetError::Exists { .. })));
+        let req = RetrieveRequest {
+            netns: Some(ns.clone()),
+            pod_ifname: "eth0".into(),
+            host_candidates: vec!["ens1f0v0".into(), "eth0".into()],
+            host_name: "ens1f0v0".into(),
+            host_mac: Some(vf_mac),
+            host_mtu: 1500,
+            altnames: vec![],
+            expect_macs: vec![vf_mac],
+            vf: Some("0000:3b:02.0".parse().unwrap()),
+        };
+        assert_eq!(net.retrieve(&req).unwrap(), Retrieved::FromHost);
+        assert_eq!(net.link(Some(&ns), "eth0").unwrap(), Some(own.clone()));
+        // With the VF nowhere, still NotFound rather than the pod's link.
+        let gone = RetrieveRequest {
+            host_name: "gone".into(),
+            host_candidates: vec![],
+            ..req.clone()
+        };
+        assert_eq!(net.retrieve(&gone).unwrap(), Retrieved::NotFound);
+        net.report_parents(true);
+        assert_eq!(net.retrieve(&gone).unwrap(), Retrieved::NotFound);
+        assert_eq!(net.link(Some(&ns), "eth0").unwrap(), Some(own));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The real rtnetlink implementations against this machine's kernel: netdev placement with a
 //! veth end (or a macvlan) playing the VF netdev, in throwaway netns, and the VF-setting
 //! errors a kernel gives for a link that is no PF. Needs root (and `ip`); otherwise every test
-//! says SKIP and why. Every netns and link made here is deleted by a Drop guard, even on failure.
+//! says SKIP and why, or fails with `VFPLUG_REQUIRE=1` (`vfplug_host::prereq`). Every netns
+//! and link made here is deleted by a Drop guard, even on failure.
 //!
 //! Figures: `cargo test -p vfplug-host --test netlink -- --nocapture` prints the place +
 //! retrieve round-trip times and the socket costs.
@@ -19,6 +20,7 @@ use vfplug_host::net::{
     VfNetlink,
 };
 use vfplug_host::netdev::RtNetdevOps;
+use vfplug_host::prereq;
 use vfplug_host::rtnl::RtVfNetlink;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -48,27 +50,22 @@ fn ip_ok(args: &[&str]) -> String {
     ip(args).unwrap()
 }
 
-/// Whether these tests can run here; if not, says so loudly.
+/// Whether these tests can run here; if not, says so loudly (or fails, when required).
 fn can_run(test: &str) -> bool {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIP {test}: needs root (netns and links are created)");
-        return false;
-    }
+    prereq::need(test, prereqs()).is_some()
+}
+
+fn prereqs() -> Result<(), String> {
+    prereq::root().map_err(|e| format!("{e} (netns and links are created)"))?;
+    prereq::program("ip")?;
     let probe = format!(
         "vfpt-{}-probe{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     );
-    match ip(&["netns", "add", &probe]) {
-        Ok(_) => {
-            let _ = ip(&["netns", "del", &probe]);
-            true
-        }
-        Err(e) => {
-            eprintln!("SKIP {test}: cannot create a netns ({e})");
-            false
-        }
-    }
+    ip(&["netns", "add", &probe]).map_err(|e| format!("cannot create a netns ({e})"))?;
+    let _ = ip(&["netns", "del", &probe]);
+    Ok(())
 }
 
 /// A netns from `ip netns add`, deleted on drop.
@@ -193,7 +190,7 @@ fn place_req(vf: &str, ns: &Netns, third_octet: u8) -> PlaceRequest {
         host_name: vf.to_owned(),
         netns: ns.path(),
         pod_ifname: "net1".into(),
-        mac: Some(mac("02:00:00:aa:bb:cc")),
+        mac: Some(mac(POD_MAC)),
         mtu: Some(1400),
         addresses: vec![
             net(&format!("10.77.{third_octet}.2/24")),
@@ -212,6 +209,11 @@ fn place_req(vf: &str, ns: &Netns, third_octet: u8) -> PlaceRequest {
     }
 }
 
+/// The MAC `place_req` gives the netdev in the pod.
+const POD_MAC: &str = "02:00:00:aa:bb:cc";
+
+/// What the agent asks for: the pod's MAC and the host MAC as the stand-in's identity (a veth
+/// has no parent device, so no PCI address either).
 fn retrieve_req(vf: &str, ns: Option<&Netns>, orig: &Shown) -> RetrieveRequest {
     RetrieveRequest {
         netns: ns.map(Netns::path),
@@ -221,7 +223,8 @@ fn retrieve_req(vf: &str, ns: Option<&Netns>, orig: &Shown) -> RetrieveRequest {
         host_mac: Some(mac(&orig.mac)),
         host_mtu: orig.mtu,
         altnames: orig.altnames.clone(),
-        expect_macs: vec![],
+        expect_macs: vec![mac(POD_MAC), mac(&orig.mac)],
+        vf: None,
     }
 }
 
@@ -423,20 +426,23 @@ fn host_candidates_never_take_an_up_link_of_another_name() {
         host_mac: Some(mac("02:00:00:00:00:01")),
         host_mtu: 1280,
         altnames: vec![],
-        expect_macs: vec![],
+        expect_macs: vec![mac(&before.mac)],
+        vf: None,
     };
     assert_eq!(ops.retrieve(&r).unwrap(), Retrieved::NotFound);
     assert_eq!(show(None, &stranger.vf).unwrap(), before);
 
-    // Down, but with a MAC the VF never had: still not ours.
+    // Down, but with a MAC the VF never had, or no MAC to prove it: still not ours.
     ip_ok(&["link", "set", &stranger.vf, "down"]);
     let down = show(None, &stranger.vf).unwrap();
-    let picky = RetrieveRequest {
-        expect_macs: vec![mac("02:00:00:00:00:99")],
-        ..r.clone()
-    };
-    assert_eq!(ops.retrieve(&picky).unwrap(), Retrieved::NotFound);
-    assert_eq!(show(None, &stranger.vf).unwrap(), down);
+    for expect_macs in [vec![mac("02:00:00:00:00:99")], vec![]] {
+        let picky = RetrieveRequest {
+            expect_macs,
+            ..r.clone()
+        };
+        assert_eq!(ops.retrieve(&picky).unwrap(), Retrieved::NotFound);
+        assert_eq!(show(None, &stranger.vf).unwrap(), down);
+    }
 
     // Down, under a candidate name, it is taken as the VF back from a dead netns and renamed.
     assert_eq!(ops.retrieve(&r).unwrap(), Retrieved::FromHost);
@@ -479,6 +485,176 @@ fn retrieve_refuses_when_the_host_name_is_taken_at_home() {
     assert_eq!(ops.retrieve(&r).unwrap(), Retrieved::FromPod);
 }
 
+/// Everything about a pod's own link that retrieve must not change: index (so: the same link,
+/// in the same netns), name, MAC, MTU, up, altnames, global addresses.
+fn pod_link(ns: &Netns, name: &str) -> Option<(String, Shown, String)> {
+    let line = ns.ip(&["-o", "link", "show", "dev", name]).ok()?;
+    let index = line.split(':').next()?.trim().to_owned();
+    Some((index, show(Some(ns), name)?, global_addrs(ns, name)))
+}
+
+/// The pod's own `eth0`: a veth of its own with a MAC, an address, up.
+fn pods_own_eth0(ns: &Netns, own_mac: &str) {
+    ns.ip(&[
+        "link", "add", "eth0", "address", own_mac, "type", "veth", "peer", "name", "eth0p",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "10.88.0.2/24", "dev", "eth0"])
+        .unwrap();
+    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+}
+
+/// Issue 8, finding 4: an ADD whose interface name already exists in the pod is refused, and
+/// its rollback (the agent's release: retrieve, then restore) must take nothing of the pod's.
+/// Before the fix, retrieve took the pod's `eth0` for the VF by name and failed with "exists"
+/// (the VF was then quarantined), or, with the VF's host name free, moved the pod's `eth0` out.
+#[test]
+fn rollback_of_a_refused_place_leaves_the_pods_own_eth0_alone() {
+    if !can_run("rollback_of_a_refused_place_leaves_the_pods_own_eth0_alone") {
+        return;
+    }
+    let ns = Netns::new();
+    pods_own_eth0(&ns, "02:00:00:00:e0:01");
+    let before = pod_link(&ns, "eth0").unwrap();
+    let veth = Veth::new();
+    ip_ok(&[
+        "link",
+        "set",
+        &veth.vf,
+        "address",
+        "02:11:22:33:44:57",
+        "up",
+    ]);
+    let orig = show(None, &veth.vf).unwrap();
+    let ops = ops();
+
+    let mut req = place_req(&veth.vf, &ns, 10);
+    req.pod_ifname = "eth0".into();
+    match ops.place(&req) {
+        Err(NetError::Exists { name, .. }) => assert_eq!(name, "eth0"),
+        other => panic!("want Exists, got {other:?}"),
+    }
+    // The rollback asks for the VF as the agent does: pod name eth0, its MACs.
+    let r = RetrieveRequest {
+        pod_ifname: "eth0".into(),
+        host_candidates: vec![veth.vf.clone(), "eth0".into()],
+        ..retrieve_req(&veth.vf, Some(&ns), &orig)
+    };
+    assert_eq!(ops.retrieve(&r).unwrap(), Retrieved::FromHost);
+    assert_eq!(
+        pod_link(&ns, "eth0").unwrap(),
+        before,
+        "the pod's eth0 changed"
+    );
+    let home = show(None, &veth.vf).expect("the VF's netdev is still at home");
+    assert_eq!((home.mac.as_str(), home.mtu), (orig.mac.as_str(), orig.mtu));
+    assert!(!home.up, "retrieve leaves it down");
+
+    // The VF nowhere to be found: the pod's eth0 is still not taken for it.
+    let gone = RetrieveRequest {
+        host_name: uniq("gone"),
+        host_candidates: vec![],
+        ..r.clone()
+    };
+    let taken = Link {
+        name: gone.host_name.clone(),
+    };
+    assert_eq!(ops.retrieve(&gone).unwrap(), Retrieved::NotFound);
+    assert_eq!(
+        pod_link(&ns, "eth0").unwrap(),
+        before,
+        "the pod's eth0 changed"
+    );
+    assert!(
+        show(None, &taken.name).is_none(),
+        "the pod's eth0 was moved out"
+    );
+}
+
+/// A pod link that even has the VF's MAC is not taken when the VF's PCI address is known and
+/// the kernel says the link has no parent device (a veth), or another one.
+#[test]
+fn a_pod_link_with_the_vfs_mac_but_not_its_parent_device_is_left_alone() {
+    let test = "a_pod_link_with_the_vfs_mac_but_not_its_parent_device_is_left_alone";
+    if !can_run(test) {
+        return;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let major: u32 = release
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 6 {
+        prereq::skip(
+            test,
+            &format!("needs Linux 6.x for IFLA_PARENT_DEV_NAME (have {release})"),
+        );
+        return;
+    }
+    let ns = Netns::new();
+    pods_own_eth0(&ns, POD_MAC);
+    let before = pod_link(&ns, "eth0").unwrap();
+    let ops = ops();
+    assert_eq!(
+        ops.link(Some(&ns.path()), "eth0").unwrap().unwrap().parent,
+        None
+    );
+    let host_name = uniq("gone");
+    let taken = Link {
+        name: host_name.clone(),
+    };
+    let r = RetrieveRequest {
+        netns: Some(ns.path()),
+        pod_ifname: "eth0".into(),
+        host_candidates: vec![],
+        host_name,
+        host_mac: Some(mac("02:11:22:33:44:58")),
+        host_mtu: 1500,
+        altnames: vec![],
+        expect_macs: vec![mac(POD_MAC)],
+        vf: Some("0000:3b:02.1".parse().unwrap()),
+    };
+    assert_eq!(ops.retrieve(&r).unwrap(), Retrieved::NotFound);
+    assert_eq!(
+        pod_link(&ns, "eth0").unwrap(),
+        before,
+        "the pod's eth0 changed"
+    );
+    assert!(
+        show(None, &taken.name).is_none(),
+        "the pod's eth0 was moved out"
+    );
+}
+
+/// `LinkInfo::parent` is what the kernel says the device is: for a netdev with a device
+/// (`/sys/class/net/<if>/device`), that device's name.
+#[test]
+fn parent_device_is_read_from_the_kernel() {
+    let test = "parent_device_is_read_from_the_kernel";
+    if !can_run(test) {
+        return;
+    }
+    let with_device = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .filter_map(Result::ok)
+        .find_map(|e| {
+            let dev = std::fs::canonicalize(e.path().join("device")).ok()?;
+            Some((
+                e.file_name().into_string().ok()?,
+                dev.file_name()?.to_str()?.to_owned(),
+            ))
+        });
+    let Some((name, device)) = with_device else {
+        prereq::skip(test, "no netdev with a device in this netns");
+        return;
+    };
+    let ops = ops();
+    assert_eq!(ops.link(None, &name).unwrap().unwrap().parent, Some(device));
+    let veth = Veth::new();
+    assert_eq!(ops.link(None, &veth.vf).unwrap().unwrap().parent, None);
+}
+
 #[test]
 fn macvlan_stand_in() {
     if !can_run("macvlan_stand_in") {
@@ -490,7 +666,10 @@ fn macvlan_stand_in() {
     if let Err(e) = ip(&[
         "link", "add", &mv, "link", &lower.vf, "type", "macvlan", "mode", "bridge",
     ]) {
-        eprintln!("SKIP macvlan_stand_in: cannot create a macvlan ({e})");
+        prereq::skip(
+            "macvlan_stand_in",
+            &format!("cannot create a macvlan ({e})"),
+        );
         return;
     }
     let _mv = Link { name: mv.clone() };

@@ -3,23 +3,21 @@
 //! the real peer: device_del stays pending without a guest, a second one is "already in the
 //! process of unplug", and system_reset completes it with DEVICE_DELETED.
 //!
-//! Skips (loudly) when no QEMU is found; set `VFPLUG_QEMU` to a binary to choose one.
+//! Skips (loudly) when no QEMU is found, fails then with `VFPLUG_REQUIRE=1`; set `VFPLUG_QEMU`
+//! to a binary to choose one.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use vfplug_host::prereq;
 use vfplug_qmp::{DelOutcome, DeviceAdd, Event, Qmp, QmpError, RunState, UnplugOutcome};
 
-fn qemu_binary() -> Option<PathBuf> {
+fn qemu_binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("VFPLUG_QEMU") {
-        return Some(PathBuf::from(p));
+        return prereq::file(Path::new(&p), "VFPLUG_QEMU names no file");
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("qemu-system-x86_64"))
-            .find(|p| p.is_file())
-    })
+    prereq::program("qemu-system-x86_64").map_err(|e| format!("{e} (or set VFPLUG_QEMU)"))
 }
 
 async fn connect_with_retry(path: &Path) -> Qmp {
@@ -37,10 +35,7 @@ async fn connect_with_retry(path: &Path) -> Qmp {
 
 #[tokio::test]
 async fn real_qemu_prelaunch_hotplug_cycle() {
-    let Some(qemu) = qemu_binary() else {
-        eprintln!(
-            "SKIPPED real_qemu_prelaunch_hotplug_cycle: no qemu-system-x86_64 (set VFPLUG_QEMU)"
-        );
+    let Some(qemu) = prereq::need("real_qemu_prelaunch_hotplug_cycle", qemu_binary()) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

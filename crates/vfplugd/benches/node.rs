@@ -111,12 +111,14 @@ async fn main() {
     let sock = root.join("vfplugd.sock");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut loops = Vec::new();
-    for w in 0..4usize {
+    for (w, dev) in vm_vfs.iter().take(4).enumerate() {
         let sock = sock.clone();
         let stop = std::sync::Arc::clone(&stop);
-        let dev = vm_vfs[w].clone();
+        let dev = dev.clone();
         loops.push(tokio::spawn(async move {
-            let ch = vfplug_api::connect(&sock, Duration::from_secs(5)).await.unwrap();
+            let ch = vfplug_api::connect(&sock, Duration::from_secs(5))
+                .await
+                .unwrap();
             let mut c = vfplug_api::v1::node_client::NodeClient::new(ch);
             let att = vfplug_api::v1::Attachment {
                 container_id: format!("bench-{w}"),

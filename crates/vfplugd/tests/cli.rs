@@ -159,8 +159,8 @@ async fn vfplugd_registers_serves_health_and_stops_on_sigterm() {
     assert!(!node_sock.exists(), "node API socket left behind");
 }
 
-#[test]
-fn vfplugd_names_the_bad_key_and_exits_nonzero() {
+/// vfplugd run with a config whose one selector is wrong; stderr piped (not a terminal).
+fn run_with_a_bad_config() -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.yaml");
     std::fs::write(
@@ -169,7 +169,7 @@ fn vfplugd_names_the_bad_key_and_exits_nonzero() {
     )
     .unwrap();
     std::fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
+    Command::new(env!("CARGO_BIN_EXE_vfplugd"))
         .args(["--sysfs-root", dir.path().join("sys").to_str().unwrap()])
         .args([
             "--kubelet-dir",
@@ -183,9 +183,29 @@ fn vfplugd_names_the_bad_key_and_exits_nonzero() {
         .args(["--vf-netlink", "simulated"])
         .args(["--config", cfg.to_str().unwrap()])
         .args(["--http-addr", "127.0.0.1:0"])
+        // tracing-subscriber would drop colours for NO_COLOR itself; the test is about a pipe.
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn vfplugd_names_the_bad_key_and_exits_nonzero() {
+    let out = run_with_a_bad_config();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pools[0].selectors.pfNames"), "{err}");
+}
+
+/// Issue 8, finding 9: a log that goes to a file or journald carries no ANSI colour codes.
+#[test]
+fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let out = run_with_a_bad_config();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vfplugd failed"), "no log line at all: {err}");
+    assert!(
+        !err.contains("\x1b["),
+        "colour codes in a piped log: {err:?}"
+    );
 }

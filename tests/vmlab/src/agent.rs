@@ -1,6 +1,8 @@
-//! The guest agent's logic: what `vmlab-guest-agent` does inside the L1 guest. It runs vfplug's own
-//! code (the [`crate::sriov`] sysfs steps and vfplug-qmp) against a real kernel with real SR-IOV and
-//! VFIO, and reports on stdout (L1's serial console) with one line per result:
+//! The guest agent's logic: what `vmlab-guest-agent` does inside the L1 guest, against a real
+//! kernel with real SR-IOV and VFIO: it creates VFs with the lab's own sysfs steps
+//! ([`crate::sriov`]; vfplug does not create VFs), binds one to vfio-pci with vfplug-host's
+//! `SysfsDriverBinder`, hot-plugs it through vfplug-qmp, and reports on stdout (L1's serial
+//! console) with one line per result:
 //!
 //! * `VMLAB-AGENT PASS <step> k=v ...` / `VMLAB-AGENT FAIL <step>: <error>`
 //! * `VMLAB-AGENT FIGURE <name> <ms>` (also printed as `VMLAB FIGURE` by the host test)
@@ -20,6 +22,7 @@ use vfplug_core::pci::PciAddress;
 use vfplug_qmp::{DelOutcome, Qmp, QmpError, UnplugOutcome};
 
 use vfplug_core::{MacAddr, VfConfig, VfLinkState, VlanProto};
+use vfplug_host::driver::{DriverBinder, SysfsDriverBinder};
 use vfplug_host::net::{NetError, VfChange, VfNetlink, VfSettings};
 use vfplug_host::rtnl::RtVfNetlink;
 use vfplug_host::vfset;
@@ -166,16 +169,13 @@ async fn run_steps(args: &AgentArgs) -> Step<()> {
     );
     let vf = vfs[0];
 
+    // vfplug-host's binder, the one vfplugd binds vfio pools with: driver_override, unbind,
+    // drivers_probe, and the driver read back (a probe that did not take is an error).
     let t = Instant::now();
-    let bound = sys
-        .bind_override(&vf, "vfio-pci")
+    SysfsDriverBinder::new(args.sysfs.clone())
+        .bind_vfio(vf)
         .map_err(|e| format!("vfio-bound: {e}"))?;
     figure("sriov.vfio_bind", t.elapsed());
-    if bound.as_deref() != Some("vfio-pci") {
-        return Err(format!(
-            "vfio-bound: {vf} is bound to {bound:?} after driver_override"
-        ));
-    }
     let group = sys
         .iommu_group(&vf)
         .map_err(|e| format!("vfio-bound: {e}"))?;

@@ -1,4 +1,5 @@
-//! The VM lab: real QEMU (TCG), emulated SR-IOV (`igb`) and VFIO, driven by vfplug's own code.
+//! The VM lab: real QEMU (TCG), emulated SR-IOV (`igb`) and VFIO, where vfplug-qmp and
+//! vfplug-host's driver binder and rtnetlink meet a real kernel (vfplugd itself never runs here).
 //!
 //! Start with docs/vm-lab.md, then the tier tests in `tests/` (`qemu_tier.rs`, `sriov_tier.rs`).
 //! This library is their toolkit:
@@ -8,11 +9,12 @@
 //! * [`vm`]: starting QEMU ([`vm::VmConfig`], [`vm::Vm`]) and waiting for serial-console lines;
 //! * [`l1`]: booting the sriov tiers' L1 guest with the guest agent and collecting its report;
 //! * [`qmp`]: connecting vfplug-qmp to a just-started QEMU (retries until the socket answers);
-//! * [`sriov`]: the sysfs steps the guest agent runs in L1 (VFs, `driver_override` binding);
+//! * [`sriov`]: the lab's own sysfs steps in L1 (finding the PF, creating VFs, IOMMU groups);
 //! * [`timing`]: the figures the tiers measure and print.
 //!
 //! The binary `vmlab-guest-agent` runs *inside* the L1 guest of the sriov tiers: it creates VFs,
-//! binds one to vfio-pci and hotplugs it into a nested QEMU through vfplug-qmp.
+//! binds one to vfio-pci with vfplug-host's `SysfsDriverBinder` and hotplugs it into a nested
+//! QEMU through vfplug-qmp.
 
 pub mod agent;
 pub mod cpio;

@@ -1,7 +1,9 @@
 //! The SR-IOV steps the guest agent performs inside L1, on a sysfs tree whose root is injectable (the
 //! real `/sys` in L1; a fixture directory in unit tests). These follow what vm-lab.md established on
-//! the emulated igb: turn VF autoprobe off before creating VFs (5x faster: no igbvf probe waits) and
-//! bind through `driver_override` + `drivers_probe` (plain `bind` is refused with autoprobe off).
+//! the emulated igb: turn VF autoprobe off before creating VFs (5x faster: no igbvf probe waits).
+//! VF creation is the lab's own (vfplug does not create VFs); binding to vfio-pci is not: the
+//! agent calls vfplug-host's `SysfsDriverBinder` (`driver_override` + `drivers_probe`; plain
+//! `bind` is refused with autoprobe off).
 
 use std::path::{Path, PathBuf};
 
@@ -157,25 +159,6 @@ impl Sysfs {
             content: name,
         })
     }
-
-    /// Binds `addr` to `driver` through `driver_override`: set the override, unbind from the current
-    /// driver if another one has it, ask the bus to probe. Returns the driver bound afterwards (the
-    /// caller checks it: the kernel may refuse silently).
-    pub fn bind_override(
-        &self,
-        addr: &PciAddress,
-        driver: &str,
-    ) -> Result<Option<String>, SriovError> {
-        let d = self.device(addr);
-        self.write(&d.join("driver_override"), driver)?;
-        match self.driver(addr)? {
-            Some(cur) if cur == driver => return Ok(Some(cur)),
-            Some(_) => self.write(&d.join("driver/unbind"), &addr.to_string())?,
-            None => {}
-        }
-        self.write(&self.root.join("bus/pci/drivers_probe"), &addr.to_string())?;
-        self.driver(addr)
-    }
 }
 
 #[cfg(test)]
@@ -256,32 +239,9 @@ mod tests {
     }
 
     #[test]
-    fn bind_override_unbinds_the_host_driver_and_probes() {
-        let (t, s, _) = fixture();
-        let vf: PciAddress = "0000:01:10.2".parse().unwrap();
-        // The fake kernel does not rebind, so the igb link stays: the caller sees that and fails.
-        let after = s.bind_override(&vf, "vfio-pci").unwrap();
-        assert_eq!(after.as_deref(), Some("igb"));
-        let dev = s.device(&vf);
-        assert_eq!(
-            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
-            "vfio-pci"
-        );
-        let unbind = t.path().join("bus/pci/drivers/igb/unbind");
-        assert_eq!(std::fs::read_to_string(unbind).unwrap(), "0000:01:10.2");
-        let probe = t.path().join("bus/pci/drivers_probe");
-        assert_eq!(std::fs::read_to_string(probe).unwrap(), "0000:01:10.2");
-    }
-
-    #[test]
-    fn unbound_vf_is_probed_without_unbind_and_group_is_read() {
-        let (t, s, _) = fixture();
+    fn iommu_group_is_read_from_the_link() {
+        let (_t, s, _) = fixture();
         let vf: PciAddress = "0000:01:10.0".parse().unwrap();
-        assert_eq!(s.bind_override(&vf, "vfio-pci").unwrap(), None);
-        assert_eq!(
-            std::fs::read_to_string(t.path().join("bus/pci/drivers/igb/unbind")).unwrap(),
-            ""
-        );
         assert_eq!(s.iommu_group(&vf).unwrap(), 8);
         assert!(s.iommu_group(&"0000:01:10.2".parse().unwrap()).is_err());
     }

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use vfplug_api::v1;
 use vfplug_cni::testing::{Plugin, PluginRun};
 use vfplug_host::fixture::{SysfsBuilder, VfSpec};
+use vfplug_host::prereq;
 use vfplug_kubelet::testing::FakeKubelet;
 
 /// How long vfplugd may take to come up, and a node API call to answer.
@@ -38,33 +39,19 @@ pools:
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Why the suite cannot run here, or `None`.
+/// Why the suite cannot run here, or `None`. Callers go through `vfplug_host::prereq`, so
+/// with `VFPLUG_REQUIRE=1` a missing one fails the test.
 pub fn missing_prerequisite() -> Option<String> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if !root {
-        return Some("it needs root (netns, veth)".into());
-    }
-    if Command::new("ip")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        return Some("`ip` (iproute2) is missing".into());
-    }
-    let hl = Path::new(CNI_DIR).join("host-local");
-    if !hl.exists() {
-        return Some(format!(
-            "{} is missing (apt-get install containernetworking-plugins)",
-            hl.display()
-        ));
-    }
-    None
+    prereq::root()
+        .map_err(|e| format!("{e} (netns, veth)"))
+        .and_then(|()| prereq::program("ip"))
+        .and_then(|_| {
+            prereq::file(
+                &Path::new(CNI_DIR).join("host-local"),
+                "apt-get install containernetworking-plugins",
+            )
+        })
+        .err()
 }
 
 /// `ip args...`; panics with its stderr if it fails.
