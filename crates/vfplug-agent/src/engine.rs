@@ -111,24 +111,24 @@ impl Shared {
         Ok(self.journal.enqueue([record]))
     }
 
-    /// As [`Self::commit_one`] for records that depend on each other: all or nothing.
+    /// As [`Self::commit_one`] for a batch planned together under this lock (Allocate of
+    /// several VFs). Each record was planned against the state it is applied to, so a refusal
+    /// is a bug; should one happen, the records applied before it are still queued (memory and
+    /// log never disagree) and the error is returned, so the caller does not act.
     pub(crate) fn commit_all(
         &self,
         st: &mut State,
         records: Vec<Record>,
     ) -> Result<Ticket, LedgerError> {
-        if records.len() > 1 {
-            // Validate the whole batch on a scratch copy first, so a refusal half-way changes
-            // nothing (batches are rare and small: Allocate of several VFs, a claim).
-            let mut scratch = st.ledger.clone();
-            for r in &records {
-                scratch.apply(r)?;
+        let mut applied = Vec::with_capacity(records.len());
+        for r in records {
+            if let Err(e) = st.ledger.apply(&r) {
+                let _ticket = self.journal.enqueue(applied);
+                return Err(e);
             }
-            st.ledger = scratch;
-        } else if let Some(r) = records.first() {
-            st.ledger.apply(r)?;
+            applied.push(r);
         }
-        Ok(self.journal.enqueue(records))
+        Ok(self.journal.enqueue(applied))
     }
 
     /// Applies and queues each record of independent ones (inventory, PodResources); a refused
