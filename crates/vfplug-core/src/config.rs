@@ -272,11 +272,11 @@ impl Config {
             Self::from_sriovdp_json_inner(text, default_prefix)
         } else {
             let mut cfg = Self::from_yaml(text)?;
-            if let Some(p) = default_prefix {
-                if !yaml_has_top_key(text, "resourcePrefix") {
-                    cfg.resource_prefix = p.to_owned();
-                    cfg.validate()?;
-                }
+            if let Some(p) = default_prefix
+                && !yaml_has_top_key(text, "resourcePrefix")
+            {
+                cfg.resource_prefix = p.to_owned();
+                cfg.validate()?;
             }
             Ok(cfg)
         }
