@@ -155,7 +155,7 @@ impl Agent {
     /// servers and the reconcile loop. Errors here (bad config, damaged ledger, no sysfs) stop
     /// vfplugd with a message; later errors are logged and retried.
     pub async fn start(opts: AgentOptions, cancel: CancellationToken) -> Result<Self, AgentError> {
-        let config = load_config(&opts.config_path)?;
+        let config = load_config(&opts)?;
         for w in &config.warnings {
             warn!(warning = %w, "config");
         }
@@ -241,13 +241,15 @@ impl Agent {
     }
 }
 
-fn load_config(path: &Path) -> Result<Config, AgentError> {
+fn load_config(opts: &AgentOptions) -> Result<Config, AgentError> {
+    let path = &opts.config_path;
     let err = |message: String| AgentError::Config {
         path: path.display().to_string(),
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let config = Config::parse(&text).map_err(|e| err(e.to_string()))?;
+    let config = Config::parse_with_prefix(&text, opts.resource_prefix.as_deref())
+        .map_err(|e| err(e.to_string()))?;
     config.validate().map_err(|e| err(e.to_string()))?;
     Ok(config)
 }
@@ -361,6 +363,7 @@ async fn run(
         p.cancel.cancel();
         p.handle.join().await;
     }
+    crate::devices::remove_cdi_specs(&shared.opts, &[]);
     podres.join().await;
     if let Err(e) = lock(&shared.wal).sync() {
         warn!(error = %e, "final ledger sync failed");
@@ -424,7 +427,7 @@ fn reload_config(
     cancel: &CancellationToken,
 ) {
     let path = &shared.opts.config_path;
-    match load_config(path) {
+    match load_config(&shared.opts) {
         Ok(config) => {
             for w in &config.warnings {
                 warn!(warning = %w, "config");
@@ -517,6 +520,7 @@ fn push_devices(shared: &Shared, pools: &BTreeMap<String, PoolRuntime>) {
             }
         });
     }
+    crate::devices::sync_cdi_specs(&shared.opts, &st);
 }
 
 /// Whether a VF may be handed out by the kubelet right now.
@@ -793,7 +797,7 @@ impl PoolBackend {
             .find(|p| config.resource_name(p) == self.resource)
             .ok_or_else(|| AllocError::Internal(format!("pool {} is gone", self.resource)))?;
         let mut params = sriov::SriovAllocParams::new(config.prefix_of(pool), pool.name.clone());
-        params.cdi = false;
+        params.cdi = shared.opts.use_cdi;
         let members: BTreeSet<PciAddress> = st
             .members
             .get(&self.resource)
@@ -843,23 +847,17 @@ impl PoolBackend {
                         });
                     }
                 }
-                let dev = match pool.device_mode {
-                    DeviceMode::Vfio => {
-                        let group = vf.iommu_group.ok_or_else(|| AllocError::Unavailable {
+                let dev =
+                    crate::devices::sriov_device(&shared.opts, pool, vf).map_err(|reason| {
+                        AllocError::Unavailable {
                             id: id.clone(),
-                            reason: "vfio mode but the VF has no IOMMU group".into(),
-                        })?;
-                        sriov::SriovDevice::vfio(id.clone(), group)
-                    }
-                    DeviceMode::Netdev => sriov::SriovDevice::netdev(id.clone()),
-                }
-                .with_pf(vf.pf.to_string());
+                            reason,
+                        }
+                    })?;
                 devs.push(dev);
             }
-            if pool.device_mode == DeviceMode::Vfio {
-                sriov::check_vfio_nodes(&shared.opts.dev_root, &devs)
-                    .map_err(|e| AllocError::Internal(e.to_string()))?;
-            }
+            sriov::check_nodes(&shared.opts.dev_root, &devs)
+                .map_err(|e| AllocError::Internal(e.to_string()))?;
             let alloc = sriov::container_alloc(&params, &devs)
                 .map_err(|e| AllocError::Internal(e.to_string()))?;
             for d in &devs {

@@ -6,6 +6,7 @@
 //! `/healthz`, `/readyz` and `/metrics` ([`metrics`]); [`node`] serves the node API the `vfplug`
 //! CNI shim calls; [`options`] holds every path and timing.
 
+mod devices;
 pub mod engine;
 pub mod http;
 pub mod metrics;

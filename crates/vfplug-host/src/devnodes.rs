@@ -15,6 +15,24 @@ pub fn is_noiommu_group(sys_root: &Path, group: u32) -> bool {
     std::fs::read_to_string(name).is_ok_and(|n| n.trim() == "vfio-noiommu")
 }
 
+/// The RDMA devices of PCI device `pci` (`mlx5_3`): the directories under its sysfs
+/// `infiniband/` (rdmamap `GetRdmaDevicesForPcidev`), sorted; empty when it has none.
+pub fn rdma_devices(sys_root: &Path, pci: vfplug_core::PciAddress) -> Vec<String> {
+    let dir = sys_root
+        .join("bus/pci/devices")
+        .join(pci.to_string())
+        .join("infiniband");
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    out.sort();
+    out
+}
+
 /// The char devices of RDMA device `ibdev`, as rdmamap finds them, in its order: `ucm`
 /// (`class/infiniband_cm`), `issm` and `umad` (`class/infiniband_mad`), `uverbs`
 /// (`class/infiniband_verbs`), each the first entry whose name contains the prefix and whose
@@ -102,5 +120,6 @@ mod tests {
             .expect("scan");
         let v = &inv.vfs[&vf.parse().expect("pci")];
         assert_eq!(v.rdma_devices, ["mlx5_3"]);
+        assert_eq!(rdma_devices(&sys, v.pci), ["mlx5_3"]);
     }
 }
