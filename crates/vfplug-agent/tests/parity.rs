@@ -326,3 +326,72 @@ async fn use_cdi_writes_one_spec_per_pool_and_names_cdi_devices() {
     task.await.unwrap();
     assert_eq!(files(), ["sriov-dp-intel.com-net-pci-x.yaml"]);
 }
+
+/// Figures (printed, not asserted): at 8 PFs × 256 vfio VFs with `needVhostNet`, the time from
+/// start to a CDI spec holding every VF, and Allocate of one VF over gRPC with and without
+/// `--use-cdi` (debug build; the sysfs reads for each VF's nodes are on this path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn figures_cdi_and_allocate_at_2048_vfs() {
+    for use_cdi in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut b = SysfsBuilder::new(&root.join("sys"));
+        for p in 0..8u32 {
+            b.pf(&format!("0000:{:02x}:00.0", 0x10 + p * 8))
+                .driver("i40e")
+                .netdev(&format!("ens{p}"))
+                .total_vfs(256)
+                .vfs(256, |_| VfSpec::new().driver("vfio-pci"))
+                .build()
+                .unwrap();
+        }
+        std::fs::create_dir_all(root.join("dev/vfio")).unwrap();
+        std::fs::create_dir_all(root.join("dev/net")).unwrap();
+        for n in ["vfio/vfio", "vhost-net", "net/tun"] {
+            std::fs::write(root.join("dev").join(n), "").unwrap();
+        }
+        for g in 0..2100 {
+            std::fs::write(root.join(format!("dev/vfio/{g}")), "").unwrap();
+        }
+        let cfg = root.join("config.yaml");
+        std::fs::write(
+            &cfg,
+            "pools:\n  - name: vm\n    deviceMode: vfio\n    needVhostNet: true\n    selectors: { drivers: [vfio-pci] }\n",
+        )
+        .unwrap();
+        let mut opts = AgentOptions::rooted(root, cfg);
+        opts.use_cdi = use_cdi;
+        let spec = opts.cdi_dir.join("vfplug-vfplug.io-net-pci-vm.json");
+        let kubelet = FakeKubelet::start(&root.join("kubelet")).await.unwrap();
+        let t = std::time::Instant::now();
+        let (cancel, task) = start(opts).await;
+        let ids = healthy(&kubelet, "vfplug.io/vm", 2048).await;
+        if use_cdi {
+            let doc: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&spec).unwrap()).unwrap();
+            assert_eq!(doc["devices"].as_array().unwrap().len(), 2048);
+            eprintln!(
+                "FIGURE start to a 2048-device snapshot and CDI spec ({} KiB): {:?}",
+                std::fs::metadata(&spec).unwrap().len() / 1024,
+                t.elapsed()
+            );
+        }
+        let mut lat = Vec::new();
+        for id in ids.iter().take(500) {
+            let t = std::time::Instant::now();
+            kubelet
+                .allocate("vfplug.io/vm", vec![vec![id.clone()]])
+                .await
+                .unwrap();
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        eprintln!(
+            "FIGURE Allocate 1 vfio+vhost VF over gRPC at 2048 VFs, use_cdi={use_cdi} (n=500): p50 {:?} p99 {:?}",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100]
+        );
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}
