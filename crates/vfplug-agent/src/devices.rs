@@ -54,26 +54,49 @@ pub(crate) fn sriov_device(
     Ok(dev)
 }
 
+/// What the CDI spec files are made of: each pool with its prefix and member VFs. Taken under
+/// the state lock (a copy), so that the files are built and written outside it.
+pub(crate) struct CdiSnapshot {
+    pools: Vec<(String, PoolConfig, Vec<VfInfo>)>,
+}
+
+/// The [`CdiSnapshot`] of `st`; `None` without `--use-cdi`.
+pub(crate) fn cdi_snapshot(opts: &AgentOptions, st: &State) -> Option<CdiSnapshot> {
+    if !opts.use_cdi {
+        return None;
+    }
+    let pools = st
+        .config
+        .pools
+        .iter()
+        .map(|pool| {
+            let vfs = st
+                .members
+                .get(&st.config.resource_name(pool))
+                .into_iter()
+                .flatten()
+                .filter_map(|pci| st.inventory.vfs.get(pci))
+                .cloned()
+                .collect();
+            (st.config.prefix_of(pool).to_owned(), pool.clone(), vfs)
+        })
+        .collect();
+    Some(CdiSnapshot { pools })
+}
+
 /// With `--use-cdi`: writes each pool's CDI spec where it changed and removes vfplugd's other
 /// spec files (pools that went, pools without device nodes, files of an earlier run). Errors
 /// are logged: a missing spec fails only the containers that name it, with the runtime's
 /// error.
-pub(crate) fn sync_cdi_specs(opts: &AgentOptions, st: &State) {
-    if !opts.use_cdi {
+pub(crate) fn sync_cdi_specs(opts: &AgentOptions, snapshot: Option<CdiSnapshot>) {
+    let Some(snapshot) = snapshot else {
         return;
-    }
+    };
     let mut keep = Vec::new();
-    for pool in &st.config.pools {
-        let prefix = st.config.prefix_of(pool);
-        let resource = st.config.resource_name(pool);
+    for (prefix, pool, vfs) in &snapshot.pools {
+        let resource = format!("{prefix}/{}", pool.name);
         let mut devices: BTreeMap<String, Vec<_>> = BTreeMap::new();
-        for vf in st
-            .members
-            .get(&resource)
-            .into_iter()
-            .flatten()
-            .filter_map(|pci| st.inventory.vfs.get(pci))
-        {
+        for vf in vfs {
             // A VF that cannot be described now gets no entry; Allocate refuses it anyway.
             if let Ok(dev) = sriov_device(opts, pool, vf)
                 && let Ok(specs) = sriov::device_specs(std::slice::from_ref(&dev))
