@@ -173,7 +173,7 @@ impl Agent {
     /// Errors here (bad config, damaged ledger, no sysfs) stop vfplugd with a message; later
     /// errors are logged and retried, except a critical task stopping (see the module docs).
     pub async fn start(opts: AgentOptions, cancel: CancellationToken) -> Result<Self, AgentError> {
-        let config = load_config(&opts.config_path)?;
+        let config = load_config(&opts)?;
         for w in &config.warnings {
             warn!(warning = %w, "config");
         }
@@ -352,13 +352,15 @@ async fn supervise(
     }
 }
 
-fn load_config(path: &Path) -> Result<Config, AgentError> {
+fn load_config(opts: &AgentOptions) -> Result<Config, AgentError> {
+    let path = &opts.config_path;
     let err = |message: String| AgentError::Config {
         path: path.display().to_string(),
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let config = Config::parse(&text).map_err(|e| err(e.to_string()))?;
+    let config = Config::parse_with_prefix(&text, opts.resource_prefix.as_deref())
+        .map_err(|e| err(e.to_string()))?;
     config.validate().map_err(|e| err(e.to_string()))?;
     Ok(config)
 }
@@ -486,6 +488,7 @@ async fn run(
         p.cancel.cancel();
         p.handle.join().await;
     }
+    crate::devices::remove_cdi_specs(&shared.opts, &[]);
     podres.join().await;
     match failure {
         Some(e) => Err(e),
@@ -568,7 +571,7 @@ fn reload_config(
     cancel: &CancellationToken,
 ) {
     let path = &shared.opts.config_path;
-    match load_config(path) {
+    match load_config(&shared.opts) {
         Ok(config) => {
             for w in &config.warnings {
                 warn!(warning = %w, "config");

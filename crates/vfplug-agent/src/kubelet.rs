@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vfplug_core::ledger::{LedgerError, VfState};
-use vfplug_core::{AllocPolicy, Candidate, DeviceMode, PciAddress};
+use vfplug_core::{AllocPolicy, Candidate, PciAddress};
 use vfplug_kubelet::plugin::{AllocError, ContainerAlloc, PluginBackend, PluginDevice};
 use vfplug_kubelet::podresources::{DeviceAllocation, PodResourcesClient, PodResourcesState};
 use vfplug_kubelet::sriov;
@@ -230,7 +230,7 @@ impl PoolBackend {
             .find(|p| config.resource_name(p) == self.resource)
             .ok_or_else(|| AllocError::Internal(format!("pool {} is gone", self.resource)))?;
         let mut params = sriov::SriovAllocParams::new(config.prefix_of(pool), pool.name.clone());
-        params.cdi = false;
+        params.cdi = shared.opts.use_cdi;
         let members: BTreeSet<PciAddress> = st
             .members
             .get(&self.resource)
@@ -282,23 +282,17 @@ impl PoolBackend {
                         });
                     }
                 }
-                let dev = match pool.device_mode {
-                    DeviceMode::Vfio => {
-                        let group = vf.iommu_group.ok_or_else(|| AllocError::Unavailable {
+                let dev =
+                    crate::devices::sriov_device(&shared.opts, pool, vf).map_err(|reason| {
+                        AllocError::Unavailable {
                             id: id.clone(),
-                            reason: "vfio mode but the VF has no IOMMU group".into(),
-                        })?;
-                        sriov::SriovDevice::vfio(id.clone(), group)
-                    }
-                    DeviceMode::Netdev => sriov::SriovDevice::netdev(id.clone()),
-                }
-                .with_pf(vf.pf.to_string());
+                            reason,
+                        }
+                    })?;
                 devs.push(dev);
             }
-            if pool.device_mode == DeviceMode::Vfio {
-                sriov::check_vfio_nodes(&shared.opts.dev_root, &devs)
-                    .map_err(|e| AllocError::Internal(e.to_string()))?;
-            }
+            sriov::check_nodes(&shared.opts.dev_root, &devs)
+                .map_err(|e| AllocError::Internal(e.to_string()))?;
             let alloc = sriov::container_alloc(&params, &devs)
                 .map_err(|e| AllocError::Internal(e.to_string()))?;
             for d in &devs {

@@ -9,6 +9,7 @@
 //! CNI shim calls. [`http`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]);
 //! [`options`] holds every path and timing.
 
+mod devices;
 pub mod engine;
 pub mod http;
 pub(crate) mod kubelet;

@@ -38,6 +38,13 @@ pub struct AgentOptions {
     pub config_path: PathBuf,
     /// Where device-info files are written (device-info spec v1.1.0).
     pub device_info_dir: PathBuf,
+    /// `--resource-prefix`: the prefix of pools that name none (SRIOV-DP's flag; `None` keeps
+    /// the format's default, `intel.com` for SRIOV-DP configs, `vfplug.io` for YAML).
+    pub resource_prefix: Option<String>,
+    /// `--use-cdi`: one CDI spec file per pool, CDI names instead of device specs in Allocate.
+    pub use_cdi: bool,
+    /// Where CDI spec files are written (`--cdi-dir`, default `/var/run/cdi`).
+    pub cdi_dir: PathBuf,
     /// Registration mode.
     pub registration: Registration,
     /// Full inventory rescan interval, the safety net behind event-driven refresh.
@@ -89,6 +96,9 @@ impl AgentOptions {
             state_dir: root.join("state"),
             config_path,
             device_info_dir: root.join("devinfo"),
+            resource_prefix: None,
+            use_cdi: false,
+            cdi_dir: root.join("cdi"),
             registration: Registration::Auto,
             resync_interval: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),

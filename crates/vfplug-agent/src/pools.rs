@@ -106,6 +106,10 @@ pub(crate) fn push_devices(shared: &Shared, pools: &BTreeMap<String, PoolRuntime
             }
         });
     }
+    // The CDI files' sysfs reads and writes happen outside the lock Allocate takes.
+    let cdi = crate::devices::cdi_snapshot(&shared.opts, &st);
+    drop(st);
+    crate::devices::sync_cdi_specs(&shared.opts, cdi);
 }
 
 /// Whether a VF may be handed out by the kubelet right now.

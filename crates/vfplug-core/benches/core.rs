@@ -47,6 +47,7 @@ fn inventory() -> Inventory {
                     numa_node: Some(u32::from(p % 2)),
                     netdevs: vec![],
                     link_type: LinkType::Ether,
+                    rdma_devices: vec![],
                 },
             );
         }

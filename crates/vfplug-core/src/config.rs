@@ -21,6 +21,7 @@
 //!     health: { pfLinkDown: ignore } # ignore (default) | unhealthy
 //!     excludeTopology: false         # true: do not report NUMA topology to kubelet
 //!     needVhostNet: false            # also mount /dev/vhost-net and /dev/net/tun
+//!     rdma: false                    # only VFs with RDMA devices; mount their char devices
 //!     additionalInfo: { "*": { token: abc } }   # extra device-info, by VF address or "*"
 //!     selectors:                     # one set, or a list of sets (a VF matching any set is in)
 //!       vendors: ["8086"]
@@ -134,7 +135,8 @@ pub struct PoolConfig {
     /// Also mount `/dev/vhost-net` and `/dev/net/tun` (SRIOV-DP `needVhostNet`).
     #[serde(default)]
     pub need_vhost_net: bool,
-    /// SRIOV-DP `isRdma: true` was set. vfplug records it; it cannot filter on RDMA capability.
+    /// Only VFs with RDMA devices (sysfs `infiniband/`), and their RDMA character devices and the
+    /// `rdma` info in Allocate (SRIOV-DP `isRdma`).
     #[serde(default)]
     pub rdma: bool,
     /// Extra device-info by VF address or `*` (SRIOV-DP `additionalInfo`).
@@ -256,10 +258,27 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Selectors>, D::Err
 impl Config {
     /// Parses either format (detected) and validates it.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with_prefix(text, None)
+    }
+
+    /// Like [`Config::parse`], with vfplugd's `--resource-prefix`: the prefix of every pool
+    /// that names none itself. SRIOV-DP configs take it instead of `intel.com`, exactly as the
+    /// peer's `--resource-prefix`; a native config's own top-level `resourcePrefix` still wins.
+    pub fn parse_with_prefix(
+        text: &str,
+        default_prefix: Option<&str>,
+    ) -> Result<Self, ConfigError> {
         if looks_like_sriovdp(text) {
-            Self::from_sriovdp_json(text)
+            Self::from_sriovdp_json_inner(text, default_prefix)
         } else {
-            Self::from_yaml(text)
+            let mut cfg = Self::from_yaml(text)?;
+            if let Some(p) = default_prefix
+                && !yaml_has_top_key(text, "resourcePrefix")
+            {
+                cfg.resource_prefix = p.to_owned();
+                cfg.validate()?;
+            }
+            Ok(cfg)
         }
     }
 
@@ -293,20 +312,31 @@ impl Config {
     ///
     /// * `resourceName` → `name`, `resourcePrefix` → `prefix` (default prefix `intel.com`);
     /// * `deviceType: netDevice` → `deviceMode: vfio` when every `drivers` entry is `vfio-pci`,
-    ///   else `netdev`; `accelerator` → `vfio` when its drivers are `vfio-pci`, else the pool
-    ///   is skipped with a warning; `auxNetDevice` pools are skipped with a warning (sub-functions
-    ///   are not PCI VFs);
+    ///   else `netdev`; `accelerator` → `vfio` when its drivers are all `vfio-pci`, else refused;
+    ///   `auxNetDevice` is refused (sub-functions are not PCI VFs);
     /// * selectors `vendors devices drivers pciAddresses pfNames rootDevices linkTypes` map 1:1;
     ///   `isRdma: true` sets `rdma`, `needVhostNet: true` sets `needVhostNet` (both also accepted
-    ///   at the resource level, where older SRIOV-DP versions had them);
-    /// * `ddpProfiles pKeys acpiIndexes vdpaType auxTypes`: vfplug cannot evaluate them, so that
-    ///   selector set matches nothing, with a warning (never silently wider);
+    ///   at the resource level, where older SRIOV-DP versions had them). vfplug keeps them per
+    ///   pool, so selector sets of one resource that disagree on them are refused;
+    /// * `ddpProfiles pKeys acpiIndexes vdpaType auxTypes`, and `uio`-family drivers: refused at
+    ///   load, the error naming the key and why (a pool that silently matches nothing, or more
+    ///   than the peer would, is a misconfiguration the operator must hear about);
     /// * unknown keys: accepted with a warning, as Go would ignore them.
     pub fn from_sriovdp_json(text: &str) -> Result<Self, ConfigError> {
+        Self::from_sriovdp_json_inner(text, None)
+    }
+
+    fn from_sriovdp_json_inner(
+        text: &str,
+        default_prefix: Option<&str>,
+    ) -> Result<Self, ConfigError> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             ConfigError::new(ConfigErrorKind::Syntax, "", format!("invalid JSON: {e}"))
         })?;
-        let (cfg, sources) = sriovdp::convert(&value)?;
+        let (mut cfg, sources) = sriovdp::convert(&value)?;
+        if let Some(p) = default_prefix {
+            cfg.resource_prefix = p.to_owned();
+        }
         // Report semantic errors in the user's vocabulary: `resourceList[3].resourceName`, not
         // the native `pools[2].name` (skipped resources shift the pool indexes).
         cfg.validate().map_err(|mut e| {
@@ -501,6 +531,13 @@ fn validate_prefix(path: &str, prefix: &str) -> Result<(), ConfigError> {
         return bad("the kubernetes.io domain is reserved");
     }
     Ok(())
+}
+
+fn yaml_has_top_key(text: &str, key: &str) -> bool {
+    match serde_yaml::from_str::<serde_yaml::Value>(text) {
+        Ok(serde_yaml::Value::Mapping(m)) => m.contains_key(key),
+        _ => false,
+    }
 }
 
 fn looks_like_sriovdp(text: &str) -> bool {
@@ -701,6 +738,38 @@ mod sriovdp {
         "auxTypes",
     ];
 
+    /// SRIOV-DP selectors vfplug refuses, and why (the error text).
+    const REFUSED_SELECTORS: &[(&str, &str)] = &[
+        (
+            "acpiIndexes",
+            "not supported: acpi_index is a firmware attribute of physical functions, VFs have \
+             none, so on vfplug (which offers VFs only) it could never match; use pfNames, \
+             rootDevices or pciAddresses",
+        ),
+        (
+            "ddpProfiles",
+            "not supported: vfplug does not read Intel DDP profiles (SRIOV-DP asks devlink or \
+             runs ddptool); select the PF's VFs with pfNames or rootDevices instead",
+        ),
+        (
+            "pKeys",
+            "not supported: vfplug does not read InfiniBand partition keys; select the VFs with \
+             pfNames, rootDevices or pciAddresses instead",
+        ),
+        (
+            "vdpaType",
+            "not supported: vfplug does not create or hand out vDPA devices",
+        ),
+        (
+            "auxTypes",
+            "not supported: auxiliary devices (deviceType auxNetDevice) are not PCI VFs",
+        ),
+    ];
+
+    /// Drivers whose devices SRIOV-DP hands out as `/dev/uioN` (infoprovider/uioInfoProvider.go)
+    /// or, for uio_pci_generic, as nothing at all.
+    const UIO_DRIVERS: &[&str] = &["uio", "igb_uio", "uio_pci_generic"];
+
     fn misplaced_selector(k: &str) -> Option<&'static str> {
         SELECTOR_KEYS
             .iter()
@@ -815,8 +884,29 @@ mod sriovdp {
         let mut vhost = top_vhost;
         let mut selectors = Vec::new();
         let mut all_drivers: Vec<String> = Vec::new();
+        // SRIOV-DP applies isRdma and needVhostNet per selector object; vfplug per pool. Equal
+        // on every set, both mean the same; different sets would silently change what some
+        // devices get, so that is refused.
+        let mut first: Option<(bool, bool)> = None;
         for (p, sv) in sel_values {
             let (s, r, vh) = selector(&p, sv, warnings)?;
+            match first {
+                None => first = Some((r, vh)),
+                Some((r0, vh0)) => {
+                    for (key, a, b) in [("isRdma", r0, r), ("needVhostNet", vh0, vh)] {
+                        if a != b {
+                            return Err(ConfigError::invalid(
+                                format!("{p}.{key}"),
+                                format!(
+                                    "{key} differs between the selector sets of one resource; \
+                                     vfplug applies it to the whole pool: split the sets into \
+                                     two resources, or set it the same on every set"
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
             rdma |= r;
             vhost |= vh;
             all_drivers.extend(s.drivers.iter().cloned());
@@ -828,15 +918,6 @@ mod sriovdp {
                 "missing: a resource needs selectors",
             ));
         }
-        if rdma {
-            warnings.push(ConfigWarning {
-                path: path.to_owned(),
-                message: "isRdma: true is recorded as rdma on the pool; vfplug does not filter \
-                          VFs by RDMA capability"
-                    .into(),
-                unknown_key: false,
-            });
-        }
         let vfio_only = !all_drivers.is_empty() && all_drivers.iter().all(|d| d == "vfio-pci");
         let device_mode = match device_type.as_str() {
             "netDevice" => {
@@ -847,16 +928,20 @@ mod sriovdp {
                 }
             }
             "accelerator" if vfio_only => DeviceMode::Vfio,
-            "accelerator" | "auxNetDevice" => {
-                warnings.push(ConfigWarning {
-                    path: format!("{path}.deviceType"),
-                    message: format!(
-                        "deviceType {device_type:?} is not supported by vfplug (only netDevice, \
-                         and accelerator on vfio-pci); resource {name:?} skipped"
-                    ),
-                    unknown_key: false,
-                });
-                return Ok(None);
+            "accelerator" => {
+                return Err(ConfigError::invalid(
+                    format!("{path}.deviceType"),
+                    "deviceType accelerator is supported only with drivers: [\"vfio-pci\"]: \
+                     vfplug hands out VFs as netdevs or as vfio devices, and an accelerator VF \
+                     on a kernel driver is neither",
+                ));
+            }
+            "auxNetDevice" => {
+                return Err(ConfigError::invalid(
+                    format!("{path}.deviceType"),
+                    "deviceType auxNetDevice is not supported: auxiliary devices (mlx5 \
+                     sub-functions) are not PCI VFs, and vfplug manages PCI VFs only",
+                ));
             }
             other => {
                 return Err(ConfigError::schema(
@@ -932,23 +1017,28 @@ mod sriovdp {
         }
         let rdma = o.boolean("isRdma")?.unwrap_or(false);
         let vhost = o.boolean("needVhostNet")?.unwrap_or(false);
-        for field in ["acpiIndexes", "ddpProfiles", "pKeys", "auxTypes"] {
-            if !o.strings(field)?.is_empty() {
-                s.unsupported_selectors.push(field.to_owned());
+        for (field, why) in REFUSED_SELECTORS {
+            // An empty list or string is no constraint in SRIOV-DP either: accept it.
+            let given = if *field == "vdpaType" {
+                o.string(field)?.is_some_and(|t| !t.is_empty())
+            } else {
+                !o.strings(field)?.is_empty()
+            };
+            if given {
+                return Err(ConfigError::invalid(o.key_path(field), *why));
             }
         }
-        if o.string("vdpaType")?.is_some_and(|t| !t.is_empty()) {
-            s.unsupported_selectors.push("vdpaType".to_owned());
-        }
-        if !s.unsupported_selectors.is_empty() {
-            warnings.push(ConfigWarning {
-                path: path.to_owned(),
-                message: format!(
-                    "vfplug cannot evaluate {:?}; this selector set matches no VF",
-                    s.unsupported_selectors
-                ),
-                unknown_key: false,
-            });
+        for (k, d) in s.drivers.iter().enumerate() {
+            if UIO_DRIVERS.contains(&d.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{}[{k}]", o.key_path("drivers")),
+                    format!(
+                        "{d:?}: uio-bound VFs are not supported (SRIOV-DP's uio provider hands \
+                         out /dev/uioN; vfplug does not): bind the VFs to vfio-pci, which DPDK \
+                         also drives"
+                    ),
+                ));
+            }
         }
         o.finish(warnings, &|_| None);
         Ok((s, rdma, vhost))

@@ -90,6 +90,11 @@ pub struct VfInfo {
     pub netdevs: Vec<String>,
     /// Link type (taken from the PF).
     pub link_type: LinkType,
+    /// RDMA devices of the VF (`mlx5_3`): the directories under its sysfs `infiniband/`, which
+    /// is what sriov-network-device-plugin's rdma provider reads (rdmamap
+    /// `GetRdmaDevicesForPcidev`). Empty for VFs without RDMA. Decides `isRdma` pools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rdma_devices: Vec<String>,
 }
 
 /// A full view of the node's SR-IOV devices at one moment.

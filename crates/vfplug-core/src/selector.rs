@@ -246,11 +246,6 @@ pub struct Selectors {
     /// NUMA nodes; a VF with no NUMA node matches none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub numa_nodes: Vec<u32>,
-    /// Names of SRIOV-DP selectors that vfplug cannot evaluate (`ddpProfiles`, `pKeys`, ...),
-    /// set by the SRIOV-DP importer. A set with any entry here matches **nothing**: ignoring such
-    /// a selector would widen the pool and steal devices meant for someone else.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub unsupported_selectors: Vec<String>,
 }
 
 /// Normalises a hex PCI ID for comparison: lowercase, no `0x`.
@@ -266,9 +261,6 @@ pub(crate) fn norm_id(s: &str) -> String {
 impl Selectors {
     /// Whether this set matches the VF. `bind_vfio` is the pool's `bindVfio` setting.
     pub fn matches(&self, vf: &VfInfo, pf: Option<&PfInfo>, bind_vfio: bool) -> bool {
-        if !self.unsupported_selectors.is_empty() {
-            return false;
-        }
         let any_id = |list: &[String], v: &str| {
             let v = norm_id(v);
             list.iter().any(|x| norm_id(x) == v)
@@ -333,6 +325,11 @@ impl PoolConfig {
     /// Whether the VF is selected by this pool (any of its selector sets matches). Does not look
     /// at other pools; use [`assign_pools`] for the first-pool-wins rule.
     pub fn matches(&self, vf: &VfInfo, pf: Option<&PfInfo>) -> bool {
+        // SRIOV-DP's `isRdma` selector keeps only devices with RDMA resources
+        // (pkg/resources/deviceSelectors.go rdmaSelector, v3.11.0).
+        if self.rdma && vf.rdma_devices.is_empty() {
+            return false;
+        }
         self.selectors
             .iter()
             .any(|s| s.matches(vf, pf, self.bind_vfio))

@@ -22,6 +22,7 @@ fn vf(addr: &str, pf: &str, pf_netdev: Option<&str>, index: u32, driver: &str) -
         numa_node: Some(0),
         netdevs: vec![],
         link_type: LinkType::Ether,
+        rdma_devices: vec![],
     }
 }
 
@@ -270,27 +271,29 @@ fn yaml_syntax_error_is_reported_as_syntax() {
 
 #[test]
 fn sriovdp_readme_golden() {
-    let cfg = Config::parse(include_str!("golden/sriovdp-readme.json")).unwrap();
+    // The README's example has a vdpaType pool (resourceList[3]) and an accelerator pool on a
+    // kernel driver (resourceList[4]): both are refused at load, the first one named.
+    let text = include_str!("golden/sriovdp-readme.json");
+    let e = err(text);
+    assert_eq!(e.path, "resourceList[3].selectors[0].vdpaType", "{e}");
+    assert_eq!(e.kind, ConfigErrorKind::Invalid);
+    // Without those two resources the rest is accepted, with the peer's meaning.
+    let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let list = v["resourceList"].as_array_mut().unwrap();
+    let fpga = list.remove(4);
+    list.remove(3);
+    let cfg = Config::parse(&v.to_string()).unwrap();
     assert_eq!(cfg.format, ConfigFormat::SriovDp);
     assert_eq!(cfg.resource_prefix, "intel.com");
     let names: Vec<_> = cfg.pools.iter().map(|p| cfg.resource_name(p)).collect();
-    // intel_fpga (accelerator without vfio-pci) is skipped, with a warning.
     assert_eq!(
         names,
         [
             "intel.com/intel_sriov_netdevice",
             "intel.com/intel_sriov_dpdk",
             "mellanox.com/mlnx_sriov_rdma",
-            "intel.com/ct6dx_vdpa_vhost",
             "intel.com/intel_sriov_netdevice_pf0",
         ]
-    );
-    assert!(
-        cfg.warnings
-            .iter()
-            .any(|w| w.path == "resourceList[4].deviceType"),
-        "{:?}",
-        cfg.warnings
     );
     let dpdk = cfg.pool("intel_sriov_dpdk").unwrap();
     assert_eq!(dpdk.device_mode, DeviceMode::Vfio);
@@ -301,13 +304,6 @@ fn sriovdp_readme_golden() {
     assert_eq!(net.selectors[0].devices, ["154c", "10ed", "1889"]);
     let rdma = cfg.pool("mlnx_sriov_rdma").unwrap();
     assert!(rdma.rdma);
-    let vdpa = cfg.pool("ct6dx_vdpa_vhost").unwrap();
-    assert_eq!(vdpa.selectors[0].unsupported_selectors, ["vdpaType"]);
-    assert!(
-        cfg.warnings
-            .iter()
-            .any(|w| w.path == "resourceList[3].selectors[0]")
-    );
     let pf0 = cfg.pool("intel_sriov_netdevice_pf0").unwrap();
     assert_eq!(pf0.selectors.len(), 1, "a selectors object is one set");
     assert_eq!(
@@ -317,6 +313,9 @@ fn sriovdp_readme_golden() {
     assert_eq!(pf0.additional_info["0000:86:02.0"]["token"], "specific");
     // No unknown keys in the README example.
     assert!(cfg.warnings.iter().all(|w| !w.unknown_key));
+    // The accelerator pool alone: refused, naming deviceType.
+    let e = err(&serde_json::json!({ "resourceList": [fpga] }).to_string());
+    assert_eq!(e.path, "resourceList[0].deviceType", "{e}");
 }
 
 #[test]
@@ -409,12 +408,9 @@ fn sriovdp_errors_name_paths() {
         let e = err(text);
         assert_eq!(&e.path, path, "{text}: {e}");
     }
-    // Semantic validation applies to SRIOV-DP configs too, with paths in their vocabulary,
-    // counting resources that were skipped (the auxNetDevice one here).
-    let e = err(
-        r#"{"resourceList":[{"resourceName":"aux","deviceType":"auxNetDevice","selectors":{}},
-                            {"resourceName":"a b","selectors":{}}]}"#,
-    );
+    // Semantic validation applies to SRIOV-DP configs too, with paths in their vocabulary.
+    let e = err(r#"{"resourceList":[{"resourceName":"ok","selectors":{}},
+                            {"resourceName":"a b","selectors":{}}]}"#);
     assert_eq!(e.kind, ConfigErrorKind::Invalid);
     assert_eq!(e.path, "resourceList[1].resourceName");
     let e = err(
@@ -445,11 +441,15 @@ fn json_without_resource_list_is_native() {
 
 #[test]
 fn sriovdp_converts_to_native_yaml_and_back() {
-    let cfg = Config::parse(include_str!("golden/sriovdp-readme.json")).unwrap();
+    let cfg = Config::parse(include_str!("golden/sriovdp-operator.json")).unwrap();
     let yaml = serde_yaml::to_string(&cfg).unwrap();
     let back = Config::parse(&yaml).unwrap();
     assert_eq!(back.pools, cfg.pools, "{yaml}");
     assert_eq!(back.resource_prefix, "intel.com");
+    assert!(
+        back.pools.iter().any(|p| p.rdma),
+        "rdma survives the round trip"
+    );
 }
 
 #[test]
@@ -510,12 +510,15 @@ fn membership_ignores_the_vf_netdev_and_uses_the_pf() {
 }
 
 #[test]
-fn unsupported_selectors_match_nothing() {
+fn rdma_pool_takes_only_vfs_with_rdma_devices() {
     let cfg = Config::parse(
-        r#"{"resourceList":[{"resourceName":"a","selectors":{"vendors":["8086"],"ddpProfiles":["GTP"]}}]}"#,
+        r#"{"resourceList":[{"resourceName":"a","selectors":{"vendors":["8086"],"isRdma":true}}]}"#,
     )
     .unwrap();
-    assert!(!cfg.pools[0].matches(&vf("0000:3b:02.0", "0000:3b:00.0", None, 0, "iavf"), None));
+    let mut v = vf("0000:3b:02.0", "0000:3b:00.0", None, 0, "mlx5_core");
+    assert!(!cfg.pools[0].matches(&v, None));
+    v.rdma_devices = vec!["mlx5_3".into()];
+    assert!(cfg.pools[0].matches(&v, None));
 }
 
 #[test]
@@ -742,6 +745,7 @@ mod selection_properties {
                     } else {
                         LinkType::Ether
                     },
+                    rdma_devices: vec![],
                 }
             })
     }

@@ -294,6 +294,37 @@ impl SysfsBuilder {
         write(&dir.join("operstate"), if up { "up\n" } else { "down\n" })
     }
 
+    /// Marks IOMMU group `group` as a vfio no-IOMMU group, as the kernel does when vfio runs
+    /// with `enable_unsafe_noiommu_mode` (the group's `name` file says `vfio-noiommu`).
+    pub fn set_noiommu(&self, group: u32) -> Result<(), FixtureError> {
+        let dir = self
+            .root
+            .join("kernel/iommu_groups")
+            .join(group.to_string());
+        fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
+        write(&dir.join("name"), "vfio-noiommu\n")
+    }
+
+    /// Gives device `pci` the RDMA device `ibdev` (`mlx5_3`) with char devices numbered `n`,
+    /// laid out as the kernel does and rdmamap reads it: `<dev>/infiniband/<ibdev>/`, and
+    /// `class/infiniband_verbs/uverbs<n>`, `class/infiniband_mad/{umad<n>,issm<n>}` each with an
+    /// `ibdev` file naming it. The `/dev/infiniband` nodes are the caller's (a fake dev root).
+    pub fn add_rdma(&self, pci: &str, ibdev: &str, n: u32) -> Result<(), FixtureError> {
+        let pci: PciAddress = pci.parse()?;
+        let dir = self.dev_dir(pci).join("infiniband").join(ibdev);
+        fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
+        for (class, node) in [
+            ("infiniband_verbs", format!("uverbs{n}")),
+            ("infiniband_mad", format!("umad{n}")),
+            ("infiniband_mad", format!("issm{n}")),
+        ] {
+            let d = self.root.join("class").join(class).join(node);
+            fs::create_dir_all(&d).map_err(io_err("mkdir", &d))?;
+            write(&d.join("ibdev"), &format!("{ibdev}\n"))?;
+        }
+        Ok(())
+    }
+
     /// The real directory of a device.
     pub fn dev_dir(&self, pci: PciAddress) -> PathBuf {
         self.root.join(PCI_PARENT).join(pci.to_string())

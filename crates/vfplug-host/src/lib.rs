@@ -36,6 +36,7 @@
 //! Nothing here hard-codes `/sys`: every type takes the root, so tests run in parallel on
 //! fake trees and never touch the machine's devices.
 
+pub mod devnodes;
 pub mod driver;
 pub mod error;
 #[cfg(any(test, feature = "fixture"))]

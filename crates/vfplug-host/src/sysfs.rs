@@ -319,10 +319,15 @@ fn scan_vf(
         })?),
         None => None,
     };
-    // Drivers that never create netdevs: skip the directory listing (3-4 syscalls per VF).
-    let netdevs = match driver.as_deref() {
-        None | Some("vfio-pci" | "uio_pci_generic" | "igb_uio" | "pci-stub") => Vec::new(),
-        Some(_) => dir.list("net")?,
+    // Drivers that never create netdevs (nor RDMA devices): skip the directory listings (3-4
+    // syscalls per VF each).
+    let (netdevs, rdma_devices) = match driver.as_deref() {
+        None | Some("vfio-pci" | "uio_pci_generic" | "igb_uio" | "pci-stub") => {
+            (Vec::new(), Vec::new())
+        }
+        // RDMA devices as sriov-network-device-plugin finds them: rdmamap
+        // GetRdmaDevicesForPcidev lists `<bdf>/infiniband/`.
+        Some(_) => (dir.list("net")?, dir.list("infiniband")?),
     };
     Ok(VfInfo {
         pci,
@@ -336,6 +341,7 @@ fn scan_vf(
         numa_node,
         netdevs,
         link_type: pf.link_type,
+        rdma_devices,
     })
 }
 

@@ -60,6 +60,7 @@
 //! ```
 
 pub mod api;
+pub mod cdi;
 pub mod plugin;
 pub mod podresources;
 pub mod sriov;

@@ -1,6 +1,6 @@
 //! Properties of the SR-IOV Allocate ABI over arbitrary device sets: the `_INFO` JSON is valid,
 //! complete and sorted like Go's encoding/json, and the device specs are exactly what the vfio
-//! devices need.
+//! and vhost devices need (or, with CDI, CDI names for exactly the devices that have nodes).
 
 use std::collections::BTreeSet;
 
@@ -14,17 +14,20 @@ fn device() -> impl Strategy<Value = SriovDevice> {
         0u8..8,
         prop::option::of(0u32..512),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(bus, dev, func, group, noiommu)| {
+        .prop_map(|(bus, dev, func, group, noiommu, vhost)| {
             let pci = format!("0000:{bus:02x}:{dev:02x}.{func}");
-            match group {
+            let mut d = match group {
                 Some(g) => {
                     let mut d = SriovDevice::vfio(pci, g);
                     d.noiommu = noiommu;
                     d
                 }
                 None => SriovDevice::netdev(pci),
-            }
+            };
+            d.vhost_net = vhost;
+            d
         })
 }
 
@@ -59,6 +62,7 @@ proptest! {
                 }
                 None => prop_assert!(entry.get("vfio").is_none()),
             }
+            prop_assert_eq!(entry.get("vhost").is_some(), d.vhost_net);
         }
         // Compact, and keys in sorted order at every level, like Go's json.Marshal of maps.
         prop_assert!(!json.contains(' '));
@@ -85,6 +89,24 @@ proptest! {
             prop_assert_eq!(&spec.container_path, &format!("/dev/vfio/{g}"));
             prop_assert_eq!(spec.permissions.as_str(), "rw");
         }
-        prop_assert!(alloc.devices.iter().all(|s| s.host_path.starts_with("/dev/vfio/")));
+        let any_vhost = devs.iter().any(|d| d.vhost_net);
+        prop_assert_eq!(unique.contains("/dev/vhost-net"), any_vhost);
+        prop_assert_eq!(unique.contains("/dev/net/tun"), any_vhost);
+        prop_assert!(alloc.devices.iter().all(|s| s.host_path.starts_with("/dev/vfio/")
+            || s.host_path == "/dev/vhost-net" || s.host_path == "/dev/net/tun"));
+    }
+
+    #[test]
+    fn with_cdi_exactly_the_devices_with_nodes_are_named(devs in devices()) {
+        let mut params = SriovAllocParams::new("vfplug.io", "pool");
+        params.cdi = true;
+        let alloc = container_alloc(&params, &devs).unwrap();
+        prop_assert!(alloc.devices.is_empty());
+        let want: Vec<String> = devs
+            .iter()
+            .filter(|d| d.iommu_group.is_some() || d.vhost_net)
+            .map(|d| format!("vfplug.io/net-pci={}", d.pci))
+            .collect();
+        prop_assert_eq!(&alloc.cdi_devices, &want);
     }
 }

@@ -41,6 +41,18 @@ struct Args {
         default_value = "/var/run/k8s.cni.cncf.io/devinfo/dp"
     )]
     device_info_dir: PathBuf,
+    /// Prefix of the resource names of pools that name none (sriov-network-device-plugin's
+    /// `--resource-prefix`). Default: the config format's own (`intel.com` for
+    /// sriov-network-device-plugin JSON, `vfplug.io` for vfplug YAML).
+    #[arg(long, env = "VFPLUG_RESOURCE_PREFIX")]
+    resource_prefix: Option<String>,
+    /// Write one CDI spec file per pool and answer Allocate with CDI device names instead of
+    /// device specs (sriov-network-device-plugin's `--use-cdi`).
+    #[arg(long, env = "VFPLUG_USE_CDI")]
+    use_cdi: bool,
+    /// Where the CDI spec files go (the runtime's dynamic CDI directory).
+    #[arg(long, env = "VFPLUG_CDI_DIR", default_value = "/var/run/cdi")]
+    cdi_dir: PathBuf,
     /// Kubelet registration mode.
     #[arg(long, env = "VFPLUG_REGISTRATION", value_enum, default_value_t = RegistrationArg::Auto)]
     registration: RegistrationArg,
@@ -141,6 +153,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         config_path: args.config,
         device_info_dir: args.device_info_dir,
+        resource_prefix: args.resource_prefix,
+        use_cdi: args.use_cdi,
+        cdi_dir: args.cdi_dir,
         registration: match args.registration {
             RegistrationArg::Auto => Registration::Auto,
             RegistrationArg::Legacy => Registration::Legacy,
