@@ -10,8 +10,8 @@ use vfplug_core::{DeviceMode, PoolConfig, VfInfo};
 use vfplug_host::devnodes;
 use vfplug_kubelet::{cdi, sriov};
 
-use crate::engine::State;
 use crate::options::AgentOptions;
+use crate::state::State;
 
 /// The Allocate view of one VF of `pool`, with its device nodes as they are on the host now
 /// (SRIOV-DP reads them at Allocate too). `Err` says why the VF cannot be handed out.

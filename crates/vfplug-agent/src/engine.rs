@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::registry::Registry;
@@ -35,14 +35,13 @@ use crate::kubelet::learn_kubelet_allocations;
 use crate::metrics::Metrics;
 use crate::options::AgentOptions;
 use crate::pools::{
-    PoolRuntime, bind_vfio_where_configured, membership, push_devices, sync_pools, update_metrics,
+    PoolRuntime, bind_vfio_where_configured, membership, push_devices, push_devices_of, sync_pools,
+    update_metrics,
 };
-use crate::ports::AgentLedger;
+use crate::ports::{AgentExecutor, AgentLedger};
+use crate::state::{Shared, State, lock};
 use crate::store::{Journal, StoreError, Ticket, spawn_writer};
 use crate::wal::{Wal, WalError};
-
-/// The executor as the agent runs it.
-pub(crate) type AgentExecutor = Executor<AgentLedger>;
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -76,95 +75,12 @@ pub enum AgentError {
     Critical(String),
 }
 
-/// State shared by the reconcile loop, the pools' backends and the node API.
-pub(crate) struct Shared {
-    pub(crate) opts: AgentOptions,
-    pub(crate) state: Mutex<State>,
-    pub(crate) journal: Arc<Journal>,
-    pub(crate) metrics: Metrics,
-}
-
-pub(crate) struct State {
-    pub(crate) config: Arc<Config>,
-    pub(crate) inventory: Inventory,
-    pub(crate) ledger: Ledger,
-    /// Pool membership: resource name → VFs.
-    pub(crate) members: BTreeMap<String, Vec<PciAddress>>,
-    /// When a VF was last given out by Allocate, or last seen in PodResources.
-    pub(crate) kubelet_seen: HashMap<PciAddress, Instant>,
-    /// Start of this process: the grace period for kubelet allocations learned before it.
-    pub(crate) started: Instant,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A poisoned lock means a panic mid-update elsewhere; the state itself is still the last
-    // consistent one we wrote (ledger changes are applied in one call), so keep going.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Shared {
-    /// Applies one record to the live ledger (which re-validates it: a refused record is
-    /// neither applied nor written) and queues it to the journal. Call with the state lock
-    /// held; await the ticket after dropping it, before acting on the record.
-    pub(crate) fn commit_one(&self, st: &mut State, record: Record) -> Result<Ticket, LedgerError> {
-        st.ledger.apply(&record)?;
-        Ok(self.journal.enqueue([record]))
-    }
-
-    /// As [`Self::commit_one`] for a batch planned together under this lock (Allocate of
-    /// several VFs). Each record was planned against the state it is applied to, so a refusal
-    /// is a bug; should one happen, the records applied before it are still queued (memory and
-    /// log never disagree) and the error is returned, so the caller does not act.
-    pub(crate) fn commit_all(
-        &self,
-        st: &mut State,
-        records: Vec<Record>,
-    ) -> Result<Ticket, LedgerError> {
-        let mut applied = Vec::with_capacity(records.len());
-        for r in records {
-            if let Err(e) = st.ledger.apply(&r) {
-                let _ticket = self.journal.enqueue(applied);
-                return Err(e);
-            }
-            applied.push(r);
-        }
-        Ok(self.journal.enqueue(applied))
-    }
-
-    /// Applies and queues each record of independent ones (inventory, PodResources); a refused
-    /// record is skipped and returned, the others go ahead.
-    pub(crate) fn commit_all_lenient(
-        &self,
-        st: &mut State,
-        records: Vec<Record>,
-    ) -> Vec<LedgerError> {
-        let mut ok = Vec::with_capacity(records.len());
-        let mut refused = Vec::new();
-        for r in records {
-            match st.ledger.apply(&r) {
-                Ok(()) => ok.push(r),
-                Err(e) => refused.push(e),
-            }
-        }
-        let _ticket = self.journal.enqueue(ok);
-        refused
-    }
-}
-
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
     ready: watch::Receiver<bool>,
     registry: Arc<Registry>,
     task: JoinHandle<Result<(), AgentError>>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("node", &self.opts.node_name)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Agent {
@@ -224,6 +140,8 @@ impl Agent {
             }),
             journal: Arc::clone(&journal),
             metrics: Metrics::default(),
+            health_dirty: Mutex::default(),
+            health_changed: watch::Sender::new(0),
             opts,
         });
         let mut registry = Registry::default();
@@ -236,6 +154,7 @@ impl Agent {
             Arc::new(AgentLedger::new(Arc::clone(&shared))),
             host,
         ));
+        let executor: Arc<AgentExecutor> = executor;
         // Half-done ADDs of a previous run are undone before any new CNI call is served.
         executor.recover().await;
 
@@ -380,7 +299,7 @@ async fn run(
         watch_cfg.fingerprint_poll = Some(opts.poll_interval);
     }
     let mut host_events = spawn_watcher(watch_cfg, cancel.child_token());
-    let mut ledger_changes = shared.journal.changes();
+    let mut health_changes = shared.health_changed.subscribe();
     let podres = spawn_poller(
         vfplug_kubelet::podresources::socket_path(&opts.kubelet_dir),
         opts.podresources_interval,
@@ -404,10 +323,12 @@ async fn run(
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            changed = ledger_changes.changed() => {
+            changed = health_changes.changed() => {
                 if changed.is_ok() {
-                    // Reservations turn Unhealthy and releases Healthy at the kubelet at once.
-                    push_devices(&shared, &pools);
+                    // Reservations turn Unhealthy and releases Healthy at the kubelet at once;
+                    // only the pools of the VFs concerned are recomputed.
+                    let dirty = shared.take_health_dirty();
+                    push_devices_of(&shared, &pools, &dirty);
                 }
             }
             ev = host_events.recv() => {

@@ -14,8 +14,8 @@ use vfplug_kubelet::plugin::{AllocError, ContainerAlloc, PluginBackend, PluginDe
 use vfplug_kubelet::podresources::{DeviceAllocation, PodResourcesClient, PodResourcesState};
 use vfplug_kubelet::sriov;
 
-use crate::engine::{Shared, lock};
 use crate::metrics::PoolLabel;
+use crate::state::{Shared, lock};
 
 /// Turns PodResources' view into ledger facts: devices the kubelet reports are
 /// KubeletAllocated; KubeletAllocated devices it no longer reports (after a grace period) are
@@ -107,7 +107,7 @@ fn learn(shared: &Shared, allocs: &[DeviceAllocation], release_stale: bool) {
 
 fn commit_logged(
     shared: &Shared,
-    st: &mut crate::engine::State,
+    st: &mut crate::state::State,
     records: Vec<vfplug_core::ledger::Record>,
 ) {
     // Nobody acts on these records (they record what the kubelet did), so nobody waits for

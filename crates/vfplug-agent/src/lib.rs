@@ -18,6 +18,7 @@ pub mod node;
 pub mod options;
 pub(crate) mod pools;
 pub mod ports;
+pub(crate) mod state;
 pub mod store;
 pub mod wal;
 

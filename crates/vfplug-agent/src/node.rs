@@ -18,9 +18,10 @@ use vfplug_core::{MacAddr, PciAddress, PodRef, PoolConfig, VfConfig, VfLinkState
 use vfplug_executor::{AddRequest, CheckRequest, ErrorKind, ExecError, LedgerPort};
 use vfplug_host::net::{IpNet, RouteSpec};
 
-use crate::engine::{AgentExecutor, Shared, lock};
 use crate::pools::resolve_pool;
+use crate::ports::AgentExecutor;
 use crate::ports::{facts, free_vfs};
+use crate::state::{Shared, lock};
 
 /// A node-API failure: the CNI code the shim prints, a message, and details.
 #[derive(Debug)]

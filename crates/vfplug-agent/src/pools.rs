@@ -16,10 +16,10 @@ use vfplug_kubelet::plugin::{
     PluginConfig, PluginDevice, PluginHandle, RegistrationMode, spawn_plugin,
 };
 
-use crate::engine::{Shared, State, lock};
 use crate::kubelet::PoolBackend;
 use crate::metrics::PoolState;
 use crate::options::Registration;
+use crate::state::{Shared, State, lock};
 
 /// One pool's kubelet server and the channel feeding it.
 pub(crate) struct PoolRuntime {
@@ -93,6 +93,36 @@ pub(crate) fn sync_pools(
 }
 
 /// Recomputes every pool's device list and sends it where it changed.
+/// As [`push_devices`], for the pools holding one of `vfs` only.
+pub(crate) fn push_devices_of(
+    shared: &Shared,
+    pools: &BTreeMap<String, PoolRuntime>,
+    vfs: &std::collections::BTreeSet<PciAddress>,
+) {
+    if vfs.is_empty() {
+        return;
+    }
+    let st = lock(&shared.state);
+    for (resource, rt) in pools {
+        let touched = st
+            .members
+            .get(resource)
+            .is_some_and(|m| m.iter().any(|p| vfs.contains(p)));
+        if !touched {
+            continue;
+        }
+        let devices = pool_devices(&st, resource, &rt.pool);
+        rt.devices.send_if_modified(|cur| {
+            if *cur == devices {
+                false
+            } else {
+                *cur = devices;
+                true
+            }
+        });
+    }
+}
+
 pub(crate) fn push_devices(shared: &Shared, pools: &BTreeMap<String, PoolRuntime>) {
     let st = lock(&shared.state);
     for (resource, rt) in pools {

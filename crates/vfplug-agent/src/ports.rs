@@ -10,12 +10,15 @@ use vfplug_core::ledger::{Ledger, LedgerError, Record, VfState};
 use vfplug_core::{PciAddress, PoolConfig};
 use vfplug_executor::{ErrorKind, ExecError, LedgerPort, ReserveRequest, Reserved, VfFacts};
 
-use crate::engine::{Shared, State, lock};
 use crate::pools::{resolve_pool, vf_healthy};
+use crate::state::{Shared, State, lock};
 
 /// How long an ADD waits for a one-off PodResources answer when it must learn which of the
 /// pool's kubelet-allocated VFs is its pod's.
 const PODRESOURCES_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The executor as the agent runs it.
+pub(crate) type AgentExecutor = vfplug_executor::Executor<AgentLedger>;
 
 /// The executor's ledger port over the agent's shared state.
 #[derive(Debug, Clone)]

@@ -76,12 +76,8 @@ impl Invocation {
             )));
         }
         match env.command {
-            Command::Add if conf.device_id.is_none() && conf.pool.is_none() => {
-                return Err(CniError::config(
-                    "deviceID: neither deviceID (nor runtimeConfig.deviceID) nor pool is set; \
-                     vfplug needs the VF's PCI address or a pool to allocate one from",
-                ));
-            }
+            // Neither deviceID nor pool: refused by vfplugd, which can say which VF the kubelet
+            // gave this pod (run.rs asks it before any IPAM work).
             // A 0.1.0/0.2.0 result is nothing but ip4/ip6 objects; without an address it cannot
             // be written (libcni: "cannot convert: no valid IP addresses"), so refuse before
             // any VF is touched rather than after.

@@ -98,6 +98,19 @@ async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String
         // Not a repeat (3), or a vfplugd without Lookup: do the ADD.
         Err(e) => debug!(code = e.code, msg = %e.msg, "not a repeated ADD"),
     }
+    if conf.device_id.is_none() && conf.pool.is_none() {
+        // vfplugd refuses this (7) and knows what to tell the pod (the VF the kubelet gave it,
+        // and the NAD annotation that would pass it on): ask it before IPAM allocates anything.
+        let req = mapping::add_request(inv, None)?;
+        let resp = node.add(req).await?;
+        return Err(CniError::new(
+            CniCode::Internal,
+            format!(
+                "vfplugd accepted an ADD without deviceID or pool (VF {}); refusing it",
+                resp.pci_address
+            ),
+        ));
+    }
     let ipam_result = match delegate {
         Some(d) => Some(d.add().await?),
         None => None,

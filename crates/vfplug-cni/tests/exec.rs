@@ -444,6 +444,37 @@ fn failed_node_add_prints_vfplugds_code_and_rolls_back_ipam() {
     assert_eq!(ipam.commands().unwrap(), vec!["VERSION", "ADD", "DEL"]);
 }
 
+/// Neither deviceID nor pool (a NAD without the resourceName annotation): vfplugd's refusal,
+/// which names the VF the kubelet gave the pod, reaches the runtime, and IPAM is never run.
+#[test]
+fn add_without_device_or_pool_gets_vfplugds_hint_before_any_ipam() {
+    let dir = tempdir().unwrap();
+    let ipam = FakeIpam::create(dir.path(), "fake-ipam", &ipam_add_result(), &[]).unwrap();
+    let node = FakeNode::start(dir.path()).unwrap();
+    let hint = "neither deviceID nor pool is set; the kubelet gave this pod VF 0000:3b:02.4";
+    node.set_script(Script {
+        add: Some(Err(Failure::new(CniCode::InvalidConfig, hint))),
+        ..Default::default()
+    });
+    let mut c = conf(&node.socket);
+    c.as_object_mut().unwrap().remove("deviceID");
+    c["ipam"] = json!({"type": "fake-ipam"});
+    let out = Env::new("ADD", dir.path()).run(&c);
+    assert_eq!(out.error_code(), 7, "{}", out.stdout);
+    assert_eq!(out.json()["msg"], hint);
+    let Call::Add(req) = &node.calls()[0] else {
+        panic!("{:?}", node.calls())
+    };
+    assert_eq!((req.device_id.as_str(), req.pool.as_str()), ("", ""));
+    assert!(
+        !ipam
+            .commands()
+            .unwrap_or_default()
+            .contains(&"ADD".to_string()),
+        "IPAM ran"
+    );
+}
+
 #[test]
 fn ipam_errors_pass_through_or_become_105() {
     let dir = tempdir().unwrap();

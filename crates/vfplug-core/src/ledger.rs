@@ -24,11 +24,12 @@
 //! # Write-ahead
 //!
 //! Nothing here mutates directly. A `plan_*` method checks the request against the current
-//! state and returns a [`Record`] (serde, versioned, `op`-tagged). The caller persists the
-//! record durably, *then* calls [`Ledger::apply`], then performs the action the record
-//! announces. [`Ledger::apply`] re-validates the record (expected prior state, legal transition,
-//! token growth, owner uniqueness), so a corrupt or reordered log is detected rather than
-//! believed. Recovery is [`Ledger::replay`] of the log, optionally on top of a snapshot (the
+//! state and returns a [`Record`] (serde, versioned, `op`-tagged). The caller applies it with
+//! [`Ledger::apply`] — which re-validates it (expected prior state, legal transition, token
+//! growth, owner uniqueness), so a refused record is never written and a corrupt or reordered
+//! log is detected rather than believed — appends it to its log in apply order, and performs the
+//! action the record announces only once the record is durable (vfplugd: the agent's journal,
+//! whose tickets resolve after the group-committed fsync). Recovery is [`Ledger::replay`] of the log, optionally on top of a snapshot (the
 //! `Ledger` itself is serde-serializable and re-validated on load).
 //!
 //! The save of the VF's original settings ([`SavedVfState`]) happens exactly once per lease, in

@@ -10,7 +10,7 @@
 //! 5. the driver the VF had before the lease is bound again (or the pool's, for a pool that
 //!    binds vfio-pci);
 //! 6. the lease ends: `Free` (or back to the kubelet's accounting for a VF the kubelet gave the
-//!    pod), pushed to the kubelet at once by the store — or, if any step failed, `Quarantined`
+//!    pod), which the agent's reconcile loop pushes to the kubelet at once — or, if any step failed, `Quarantined`
 //!    with every failure in the reason. A quarantined VF is never handed out until an operator
 //!    clears it.
 //!

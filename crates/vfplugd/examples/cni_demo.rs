@@ -310,7 +310,7 @@ async fn main() {
 
     step(
         8,
-        "CNI DEL pod 1: netdev back home under its name, VF settings restored, VF free",
+        "CNI DEL pod 1: netdev back home under its name, VF settings restored, VF back in the kubelet's accounting (the kubelet gave it)",
     );
     let (ok, _, took) = cni.run("DEL", "pod1", ns1, &conf1);
     println!("    DEL ok={ok} in {took:?}");
