@@ -19,7 +19,8 @@
 //! is what gets connected. [`QmpSocket::path`] is the plain path for logs and for callers that
 //! accept the race.
 //!
-//! **QEMU's pid** ([`peer_cred`]): `SO_PEERCRED` of the connected QMP socket.
+//! **QEMU's pid** ([`peer_cred`]): `SO_PEERCRED` of the connected QMP socket (the kernel's
+//! answer, so the pod cannot lie about it).
 //!
 //! **Memlock** ([`Memlock`], [`PrlimitMemlock`], [`FakeMemlock`]): VFIO pins all guest RAM when
 //! the first device is added; QEMU's `RLIMIT_MEMLOCK` must cover it first (libvirt's
@@ -29,7 +30,7 @@
 use std::collections::BTreeSet;
 use std::fmt::{self, Debug};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -316,6 +317,17 @@ impl QmpSocket {
         debug!(path = %path.display(), "connected to the verified QMP socket");
         Ok(stream)
     }
+
+    /// [`Self::connect`] as a tokio stream (for `vfplug-qmp` and [`peer_cred`]). Must be called
+    /// from within a tokio runtime.
+    pub fn connect_async(&self) -> Result<tokio::net::UnixStream, VmPodError> {
+        let path = self.path();
+        let stream = self.connect()?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| io_err("set_nonblocking", &path, e))?;
+        tokio::net::UnixStream::from_std(stream).map_err(|e| io_err("register", &path, e))
+    }
 }
 
 /// Finds the QMP socket of pod `pod_uid` named by `spec` (`<volume>/<file>`) below
@@ -508,20 +520,27 @@ pub struct PeerCred {
     pub gid: u32,
 }
 
-/// `SO_PEERCRED` of a connected unix socket: works on `std::os::unix::net::UnixStream` and on
-/// tokio's `UnixStream` alike (both are `AsFd`). Fails when the peer's pid is not visible in our
-/// pid namespace (the kernel reports 0; vfplugd needs `hostPID`).
-pub fn peer_cred(socket: impl AsFd) -> Result<PeerCred, VmPodError> {
-    let c = rustix::net::sockopt::socket_peercred(socket)
-        .map_err(|e| VmPodError::PeerCred(e.into()))?;
-    let pid = c.pid.as_raw_nonzero().get();
-    let pid = u32::try_from(pid).map_err(|_| {
-        VmPodError::PeerCred(io::Error::other(format!("peer pid {pid} out of range")))
-    })?;
+/// `SO_PEERCRED` of a connected unix socket, through tokio's `UnixStream::peer_cred()`. Fails
+/// when the peer's pid is not visible in our pid namespace (the kernel reports 0: vfplugd needs
+/// `hostPID`). Not rustix's `socket_peercred`: its `Pid` is non-zero by type, and 0 is a real
+/// answer here. A `std` stream: `tokio::net::UnixStream::from_std` (non-blocking) first, or
+/// [`QmpSocket::connect_async`].
+pub fn peer_cred(socket: &tokio::net::UnixStream) -> Result<PeerCred, VmPodError> {
+    let c = socket.peer_cred().map_err(VmPodError::PeerCred)?;
+    let pid = c
+        .pid()
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            VmPodError::PeerCred(io::Error::other(format!(
+                "the peer's pid ({:?}) is not visible in this pid namespace (hostPID?)",
+                c.pid()
+            )))
+        })?;
     Ok(PeerCred {
         pid,
-        uid: c.uid.as_raw(),
-        gid: c.gid.as_raw(),
+        uid: c.uid(),
+        gid: c.gid(),
     })
 }
 

@@ -86,8 +86,8 @@ fn symlink_at(err: VmPodError) -> PathBuf {
     }
 }
 
-#[test]
-fn found_under_empty_dir_and_connectable() {
+#[tokio::test]
+async fn found_under_empty_dir_and_connectable() {
     let k = Kubelet::with_socket();
     let s = k.resolve("qmp/qmp.sock").unwrap();
     let canonical = fs::canonicalize(k.root()).unwrap();
@@ -102,13 +102,18 @@ fn found_under_empty_dir_and_connectable() {
     // The returned path is a plain path a client can connect to...
     let plain = UnixStream::connect(s.path()).unwrap();
     drop(plain);
-    // ...and connect() reaches the very listener that was verified.
-    let client = s.connect().unwrap();
-    let (server, _) = k._listener.as_ref().unwrap().accept().unwrap();
-    let cred = peer_cred(&server).unwrap();
-    assert_eq!(cred.pid, std::process::id());
-    assert_eq!(cred.uid, me());
-    drop(client);
+    // ...and connect_async() reaches the very listener that was verified, whose peer is us.
+    let client = s.connect_async().unwrap();
+    let listener = k._listener.as_ref().unwrap();
+    let (_first, _) = listener.accept().unwrap();
+    let (server, _) = listener.accept().unwrap();
+    server.set_nonblocking(true).unwrap();
+    let server = tokio::net::UnixStream::from_std(server).unwrap();
+    for end in [&client, &server] {
+        let cred = peer_cred(end).unwrap();
+        assert_eq!(cred.pid, std::process::id());
+        assert_eq!(cred.uid, me());
+    }
 }
 
 #[test]
@@ -260,9 +265,9 @@ fn connect_refuses_a_socket_swapped_after_resolving() {
     symlink_at(s.connect().unwrap_err());
 }
 
-#[test]
-fn peer_cred_of_a_socketpair_is_this_process() {
-    let (a, _b) = UnixStream::pair().unwrap();
+#[tokio::test]
+async fn peer_cred_of_a_socketpair_is_this_process() {
+    let (a, _b) = tokio::net::UnixStream::pair().unwrap();
     let c = peer_cred(&a).unwrap();
     assert_eq!(c.pid, std::process::id());
     assert_eq!(c.uid, me());
@@ -270,9 +275,29 @@ fn peer_cred_of_a_socketpair_is_this_process() {
 }
 
 #[tokio::test]
-async fn peer_cred_works_on_tokio_streams() {
-    let (a, _b) = tokio::net::UnixStream::pair().unwrap();
-    assert_eq!(peer_cred(&a).unwrap().pid, std::process::id());
+async fn peer_cred_names_the_process_at_the_other_end() {
+    // A child process connects to our listener: its pid, not ours.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let Some(python) = prereq::need(
+        "peer_cred_names_the_process_at_the_other_end",
+        prereq::program("python3"),
+    ) else {
+        return;
+    };
+    let mut child = tokio::process::Command::new(python)
+        .arg("-c")
+        .arg("import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); time.sleep(30)")
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let cred = peer_cred(&server).unwrap();
+    assert_eq!(Some(cred.pid), child.id());
+    assert_ne!(cred.pid, std::process::id());
+    child.kill().await.unwrap();
 }
 
 /// A child we can prlimit; killed on drop.
