@@ -45,6 +45,12 @@ use tracing::{debug, info};
 /// The pod annotation naming the QMP socket as `<volume>/<file>`.
 pub const QMP_SOCKET_ANNOTATION: &str = "vfplug.io/qmp-socket";
 
+/// The network-config key naming the QMP socket where no API server gives vfplugd the
+/// annotation: per attachment as `args.cni.qmpSocket` (Multus fills it from the selection's
+/// `cni-args`), or per network at the top level. The pod comes from `K8S_POD_UID` in `CNI_ARGS`.
+/// The CNI side (vfplug-cni) reads it; see docs/vm-pods.md.
+pub const QMP_SOCKET_CNI_KEY: &str = "qmpSocket";
+
 /// The kubelet's default root directory.
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 
@@ -109,6 +115,14 @@ pub enum VmPodError {
         path: PathBuf,
         /// What it is.
         kind: &'static str,
+    },
+    /// The socket has more than one name (a hard link to a socket elsewhere, perhaps).
+    #[error("{path} has {links} hard links: refused (QEMU's socket has one name)")]
+    HardLinked {
+        /// The socket.
+        path: PathBuf,
+        /// Its link count.
+        links: u64,
     },
     /// The socket's owner is not trusted.
     #[error("{path} is owned by uid {uid}, which is not a trusted owner {trusted:?}")]
@@ -478,6 +492,14 @@ fn open_socket(dir: &OwnedFd, dir_path: &Path, file: &str) -> Result<(OwnedFd, S
     let fd = openat(dir, file, flags, Mode::empty()).map_err(|e| io_err("open", &path, e))?;
     let st = fstat(&fd).map_err(|e| io_err("stat", &path, e))?;
     let kind = match FileType::from_raw_mode(st.st_mode) {
+        // A hard link is the one way to alias another socket without a symlink; QEMU's own
+        // socket has exactly one name.
+        FileType::Socket if st.st_nlink != 1 => {
+            return Err(VmPodError::HardLinked {
+                path,
+                links: st.st_nlink,
+            });
+        }
         FileType::Socket => return Ok((fd, st)),
         FileType::Symlink => return Err(VmPodError::Symlink { path }),
         FileType::RegularFile => "regular file",

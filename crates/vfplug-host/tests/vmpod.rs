@@ -203,6 +203,27 @@ fn a_regular_file_is_not_a_socket() {
 }
 
 #[test]
+fn a_hard_linked_socket_is_refused() {
+    // A socket elsewhere, hard-linked into the volume: no symlink, same inode as the other.
+    let k = Kubelet::new();
+    let away = k.root().join("elsewhere");
+    fs::create_dir_all(&away).unwrap();
+    let _other = UnixListener::bind(away.join("other.sock")).unwrap();
+    let sock = k.volume(EMPTY_DIR, "qmp").join("qmp.sock");
+    fs::hard_link(away.join("other.sock"), &sock).unwrap();
+    match k.resolve("qmp/qmp.sock").unwrap_err() {
+        VmPodError::HardLinked { path, links } => {
+            assert!(path.ends_with("qmp/qmp.sock"));
+            assert_eq!(links, 2);
+        }
+        other => panic!("expected HardLinked, got {other}"),
+    }
+    // With the other name gone, the same inode is acceptable.
+    fs::remove_file(away.join("other.sock")).unwrap();
+    k.resolve("qmp/qmp.sock").unwrap();
+}
+
+#[test]
 fn missing_and_ambiguous_volumes() {
     let k = Kubelet::with_socket();
     match k.resolve("other/qmp.sock").unwrap_err() {
