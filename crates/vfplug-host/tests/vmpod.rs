@@ -478,3 +478,48 @@ fn prlimit_refuses_pid_zero_and_reports_a_gone_process() {
         "{err}"
     );
 }
+
+#[test]
+fn prlimit_puts_back_a_limit_raised_between_read_and_write() {
+    // The limit as read (a fake /proc) is older than the real one: someone raised the soft
+    // limit in between. The swap returns the real one, and the higher value is put back.
+    let child = Sleeper::spawn();
+    let h = base(&child);
+    child.set(Some(h / 2), Some(h));
+    let fake_proc = tempfile::tempdir().unwrap();
+    let dir = fake_proc.path().join(child.pid().to_string());
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("limits"),
+        format!(
+            "Limit                     Soft Limit           Hard Limit           Units     \n\
+             Max locked memory         {}              {}              bytes     \n",
+            h / 8,
+            h
+        ),
+    )
+    .unwrap();
+    let change = PrlimitMemlock::new(fake_proc.path().into())
+        .raise(child.pid(), h / 4)
+        .unwrap();
+    assert_eq!(
+        change.old,
+        MemlockLimit {
+            soft: Some(h / 2),
+            hard: Some(h)
+        },
+        "old is what prlimit replaced, not the stale read"
+    );
+    assert_eq!(change.new, change.old);
+    assert_eq!(child.read(), (Some(h / 2), Some(h)));
+
+    // A limits file without the line is an error naming the file.
+    fs::write(dir.join("limits"), "Max processes 1 1 processes\n").unwrap();
+    let err = PrlimitMemlock::new(fake_proc.path().into())
+        .raise(child.pid(), h / 4)
+        .unwrap_err();
+    assert!(
+        matches!(&err, MemlockError::Read { path, .. } if path.ends_with("limits")),
+        "{err}"
+    );
+}
