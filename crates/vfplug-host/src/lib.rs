@@ -25,6 +25,9 @@
 //! - [`netdev::RtNetdevOps`] — `NetdevOps` for real: a socket per netns made by a short-lived
 //!   thread (`setns`), no thread ever left in a pod's netns; altnames removed on the way in and
 //!   restored on the way back; a failed placement is undone.
+//! - [`vmpod`] — the host side of a VM pod: its QMP socket resolved below the pod's volume
+//!   directory without following symlinks ([`vmpod::resolve_qmp_socket`]), QEMU's pid from the
+//!   socket's peer credentials, QEMU's `RLIMIT_MEMLOCK` raised ([`vmpod::Memlock`]).
 //! - `fixture` (cargo feature `fixture`) — `SysfsBuilder` lays out fake sysfs trees the way
 //!   the kernel does (real files, relative symlinks) and mutates them like the kernel would
 //!   (`set_num_vfs`, `rebind`, `move_vf_netdev_away`, `set_carrier`); `FixtureKernel` plays
@@ -49,6 +52,7 @@ pub mod rtnl;
 pub mod sim;
 pub mod sysfs;
 pub mod vfset;
+pub mod vmpod;
 pub mod watch;
 
 pub use error::HostError;

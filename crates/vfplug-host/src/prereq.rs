@@ -84,3 +84,24 @@ pub fn file(path: &Path, hint: &str) -> Result<PathBuf, String> {
         Err(format!("{} is missing ({hint})", path.display()))
     }
 }
+
+/// `CAP_SYS_RESOURCE` (capability bit 24): raising another process's hard rlimit, as
+/// `vmpod::PrlimitMemlock` does for QEMU. Root in a container often lacks it (Docker drops it).
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// The process has capability `bit` (see `capabilities(7)`) in its effective set, read from
+/// `/proc/self/status`; `name` is for the message.
+pub fn capability(bit: u32, name: &str) -> Result<(), String> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("reading /proc/self/status for {name}: {e}"))?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| format!("no CapEff in /proc/self/status (checking {name})"))?;
+    if bit < 64 && eff & (1 << bit) != 0 {
+        Ok(())
+    } else {
+        Err(format!("needs {name} (effective capabilities {eff:#x})"))
+    }
+}
