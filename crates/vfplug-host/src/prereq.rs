@@ -44,6 +44,14 @@ pub fn skip(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
+/// A part of `test` cannot run on this *kind* of machine at all — not a missing install that
+/// CI could fix (e.g. a capability the sandbox never grants) — so it is not a failure even when
+/// [`required`]. Always prints `SKIP <test> (not possible here): <why>`; use it only after the
+/// test has checked what it can (such as the refusal path).
+pub fn unavailable_here(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIP {test} (not possible here): {why}");
+}
+
 /// `Ok(v)`: `Some(v)`. `Err(why)`: [`skip`] and `None`.
 #[track_caller]
 pub fn need<T>(test: &str, prerequisite: Result<T, String>) -> Option<T> {

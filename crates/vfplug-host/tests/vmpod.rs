@@ -444,7 +444,7 @@ fn prlimit_raises_the_hard_limit_to_guest_ram() {
         // Not a prerequisite CI can install: this machine kind runs as root without
         // CAP_SYS_RESOURCE (shared/research/k8s-lab.md), so the refusal path above is what
         // runs here; the raise itself runs where the capability exists (the VM lab's L1 guest).
-        prereq::skip(test, &format!("{why}; only the refusal path was checked"));
+        prereq::unavailable_here(test, &format!("{why}; only the refusal path was checked"));
         return;
     }
     let change = raise_memlock(child.pid(), want).unwrap();
