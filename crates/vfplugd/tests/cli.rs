@@ -209,3 +209,134 @@ fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
         "colour codes in a piped log: {err:?}"
     );
 }
+
+/// Supervision: when the ledger can no longer be written (its file system is full), vfplugd
+/// stops with a non-zero exit naming the journal, instead of serving on with a ledger that
+/// lies. The state dir is a tiny tmpfs (root only); node-API ADD/DEL in a loop fill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vfplugd_exits_nonzero_when_its_ledger_cannot_be_written() {
+    let test = "vfplugd_exits_nonzero_when_its_ledger_cannot_be_written";
+    if vfplug_host::prereq::need(test, vfplug_host::prereq::root()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut b = SysfsBuilder::new(&root.join("sys"));
+    b.pf("0000:af:00.0")
+        .driver("ice")
+        .netdev("ens1f0")
+        .vfs(4, |_| VfSpec::new().driver("vfio-pci"))
+        .build()
+        .unwrap();
+    let vf = b.vf_address("0000:af:00.0", 0).unwrap().to_string();
+    std::fs::write(
+        root.join("config.yaml"),
+        "pools:\n  - name: vm\n    deviceMode: vfio\n    selectors: { pfNames: [ens1f0] }\n",
+    )
+    .unwrap();
+    let state = root.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=96k",
+            "vfplug-test",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    let sock = root.join("vfplugd.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
+        .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
+        .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--socket", sock.to_str().unwrap()])
+        .args(["--vf-netlink", "simulated"])
+        .args(["--config", root.join("config.yaml").to_str().unwrap()])
+        .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])
+        .args(["--http-addr", "127.0.0.1:0"])
+        // Never compact: the log only grows.
+        .args(["--ledger-compact-after", "1000000"])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "vfplugd never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ch = vfplug_api::connect(&sock, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut c = vfplug_api::v1::node_client::NodeClient::new(ch);
+    let att = vfplug_api::v1::Attachment {
+        container_id: "fill".into(),
+        ifname: "net1".into(),
+        pod_uid: "uid-fill".into(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut failed_call = false;
+    while t0.elapsed() < Duration::from_secs(60) {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        let add = c
+            .add(vfplug_api::v1::AddRequest {
+                attachment: Some(att.clone()),
+                netns: "/var/run/netns/x".into(),
+                network: "fill".into(),
+                device_id: vf.clone(),
+                ..Default::default()
+            })
+            .await;
+        if add.is_err() {
+            failed_call = true;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let _ = c
+            .del(vfplug_api::v1::DelRequest {
+                attachment: Some(att.clone()),
+                ..Default::default()
+            })
+            .await;
+    }
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "vfplugd kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{status:?}\n{err}");
+    assert!(failed_call, "a call failed before the exit");
+    assert!(
+        err.contains("ledger journal failed") && err.contains("No space left"),
+        "{err}"
+    );
+}
