@@ -208,7 +208,7 @@ impl NetConf {
         let unknown_keys = r
             .map
             .keys()
-            .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+            .filter(|k| !KNOWN_KEYS.iter().any(|known| known.eq_ignore_ascii_case(k)))
             .cloned()
             .collect();
 
@@ -391,9 +391,22 @@ struct Reader {
 }
 
 impl Reader {
-    /// The key's value; `null` counts as absent (like Go's pointer fields).
+    /// The key's value; `null` counts as absent (like Go's pointer fields). As Go's
+    /// `encoding/json` (which sriov-cni and libcni decode with) does, a key spelled in another
+    /// case (`"VLAN"`) counts when the exact spelling is absent: a NAD that works with sriov-cni
+    /// must not silently lose a setting here.
     fn take(&mut self, key: &str) -> Option<Value> {
-        self.map.remove(key).filter(|v| !v.is_null())
+        let found = if self.map.contains_key(key) {
+            Some(key.to_owned())
+        } else {
+            self.map
+                .keys()
+                .find(|k| k.eq_ignore_ascii_case(key))
+                .cloned()
+        };
+        found
+            .and_then(|k| self.map.remove(&k))
+            .filter(|v| !v.is_null())
     }
 
     /// Reads a key a lenient command may do without: its error is recorded and skipped there.

@@ -1038,3 +1038,30 @@ proptest! {
         }
     }
 }
+
+/// sriov-cni decodes with Go's encoding/json, which matches keys case-insensitively: a NAD
+/// saying "VLAN" or "DeviceID" must keep its meaning here, not be dropped as unknown.
+#[test]
+fn keys_match_case_insensitively_like_go_and_the_exact_spelling_wins() {
+    let mut c = conf();
+    let m = c.as_object_mut().unwrap();
+    m.remove("deviceID");
+    m.insert("DeviceID".into(), json!("0000:3b:02.5"));
+    m.insert("VLAN".into(), json!(300));
+    m.insert("SpoofChk".into(), json!("off"));
+    let inv = parse(&env("ADD"), &c).unwrap();
+    let conf = inv.conf.unwrap();
+    assert_eq!(conf.device_id.unwrap().to_string(), "0000:3b:02.5");
+    assert_eq!(conf.vf.vlan, Some(300));
+    assert_eq!(conf.vf.spoofchk, Some(false));
+    assert!(conf.unknown_keys.is_empty(), "{:?}", conf.unknown_keys);
+    // Both spellings: the exact one counts.
+    let mut c = conf_with_vlan(100);
+    c.as_object_mut().unwrap().insert("Vlan".into(), json!(7));
+    let inv = parse(&env("ADD"), &c).unwrap();
+    assert_eq!(inv.conf.unwrap().vf.vlan, Some(100));
+}
+
+fn conf_with_vlan(v: u16) -> serde_json::Value {
+    with(conf(), "vlan", json!(v))
+}
