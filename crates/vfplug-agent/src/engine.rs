@@ -128,6 +128,8 @@ impl Agent {
                 .clone()
                 .unwrap_or_else(|| Arc::new(SysfsDriverBinder::new(opts.sysfs_root.clone()))),
             sysfs_root: opts.sysfs_root.clone(),
+            // VM pods are not wired to the node API yet (issue 9).
+            vm: None,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {

@@ -20,6 +20,7 @@ pub mod cni;
 pub mod error;
 pub mod finalize;
 pub mod ports;
+pub mod vm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,6 +33,7 @@ pub use cni::{AddOutcome, AddRequest, CheckRequest, DelOutcome, GcOutcome};
 pub use error::{ErrorKind, ExecError};
 pub use finalize::Finalized;
 pub use ports::{HostPorts, LedgerPort, ReserveRequest, Reserved, VfFacts};
+pub use vm::{QmpConnector, VmAttached, VmDetach, VmLink, VmPorts};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock guards only `()` or a map of locks: nothing half-updated to fear.
@@ -48,6 +50,8 @@ pub struct Executor<L> {
     vf_locks: Mutex<HashMap<PciAddress, Arc<tokio::sync::Mutex<()>>>>,
     /// One lock per PF netdev, held (on a blocking thread) around every PF netlink write.
     pf_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// One QMP connection per VM.
+    pub(crate) sessions: vm::Sessions,
 }
 
 /// What [`Executor::recover`] did.
@@ -67,6 +71,7 @@ impl<L: LedgerPort> Executor<L> {
             host,
             vf_locks: Mutex::default(),
             pf_locks: Mutex::default(),
+            sessions: Mutex::default(),
         }
     }
 

@@ -90,4 +90,6 @@ pub struct HostPorts {
     pub driver: Arc<dyn DriverBinder>,
     /// Stands for `/sys` (for the VF's netdev names).
     pub sysfs_root: PathBuf,
+    /// QEMU of VM pods (`None`: this vfplugd hot-plugs into no VM).
+    pub vm: Option<crate::vm::VmPorts>,
 }

@@ -184,6 +184,34 @@ impl ObjectProperty {
     }
 }
 
+/// `query-memory-size-summary`: the guest's RAM (what a first VFIO device pins).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryMemorySizeSummary {}
+impl Command for QueryMemorySizeSummary {
+    const NAME: &'static str = "query-memory-size-summary";
+    const HAS_ARGS: bool = false;
+    type Output = MemorySizeSummary;
+}
+
+/// `query-memory-size-summary`'s result, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySizeSummary {
+    /// Boot RAM.
+    #[serde(rename = "base-memory")]
+    pub base_memory: u64,
+    /// Hot-plugged DIMMs (absent when the machine has none).
+    #[serde(rename = "plugged-memory", default)]
+    pub plugged_memory: Option<u64>,
+}
+
+impl MemorySizeSummary {
+    /// All guest RAM.
+    pub fn total(&self) -> u64 {
+        self.base_memory
+            .saturating_add(self.plugged_memory.unwrap_or(0))
+    }
+}
+
 /// `query-status`.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct QueryStatus {}

@@ -34,7 +34,8 @@ pub mod wire;
 
 pub use client::{DEFAULT_TIMEOUT, DelOutcome, EventWaiter, Qmp, QmpOptions, UnplugOutcome};
 pub use commands::{
-    DeviceAdd, ObjectProperty, PciDeviceInfo, PropValue, RunState, StatusInfo, VersionInfo,
+    DeviceAdd, MemorySizeSummary, ObjectProperty, PciDeviceInfo, PropValue, QueryMemorySizeSummary,
+    RunState, StatusInfo, VersionInfo,
 };
 pub use error::QmpError;
 pub use event::Event;
