@@ -28,7 +28,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -598,7 +598,8 @@ async fn session<B: PluginBackend>(
         };
         router = router.add_service(preg::registration_server::RegistrationServer::new(reg));
     }
-    let incoming = UnixListenerStream::new(listener);
+    // Kubelets before 1.26 send our socket path as :authority, which h2 refuses.
+    let incoming = crate::authority::incoming(listener);
     let stop = session_token.clone();
     let mut server = tokio::spawn(async move {
         router

@@ -1,0 +1,124 @@
+//! Foreign gRPC clients for tests (cargo feature `testing`): Python's grpcio, driven over a real
+//! unix socket with a chosen `:authority`, to prove every vfplugd socket serves clients other
+//! than tonic's own. The client script is `tests/foreign/grpc_client.py`; it generates its stubs
+//! from the repository's `proto/` when it runs.
+//!
+//! A missing interpreter or grpcio is a loud SKIP, or a failure when `VFPLUG_REQUIRE=1` (CI).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The `:authority` a client sends: the raw socket path, the path percent-encoded,
+/// `localhost`, or grpcio's default.
+pub const AUTHORITY_MODES: [&str; 4] = ["path", "percent", "localhost", "default"];
+
+const SCRIPT: &str = include_str!("../tests/foreign/grpc_client.py");
+
+/// Which service the client calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// `v1beta1.DevicePlugin`: GetDevicePluginOptions, the first ListAndWatch message,
+    /// GetPreferredAllocation, Allocate.
+    DevicePlugin,
+    /// `vfplug.v1.Node`: List, Status.
+    Node,
+}
+
+/// A Python interpreter that has grpcio and grpc_tools (Debian: `python3-grpcio`,
+/// `python3-grpc-tools`), plus the script written where it can run.
+#[derive(Debug)]
+pub struct PythonGrpc {
+    python: PathBuf,
+    script: PathBuf,
+}
+
+fn required() -> bool {
+    std::env::var("VFPLUG_REQUIRE").is_ok_and(|v| v == "1")
+}
+
+impl PythonGrpc {
+    /// Finds the interpreter (`$VFPLUG_PYTHON`, `/usr/bin/python3`, then `python3` on `PATH`).
+    /// `None` after printing a SKIP line when there is none; panics instead under
+    /// `VFPLUG_REQUIRE=1`.
+    pub fn find(test: &str) -> Option<Self> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(p) = std::env::var_os("VFPLUG_PYTHON") {
+            candidates.push(p.into());
+        }
+        candidates.push("/usr/bin/python3".into());
+        candidates.push("python3".into());
+        let python = candidates.into_iter().find(|p| {
+            std::process::Command::new(p)
+                .args(["-c", "import grpc, grpc_tools.protoc"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        let Some(python) = python else {
+            let msg = format!(
+                "{test}: no python3 with grpcio and grpc_tools (apt-get install python3-grpcio \
+                 python3-grpc-tools, or set VFPLUG_PYTHON)"
+            );
+            if required() {
+                panic!("VFPLUG_REQUIRE=1 and {msg}");
+            }
+            eprintln!("\n!!!!! SKIP {msg} !!!!!\n");
+            return None;
+        };
+        let script = std::env::temp_dir().join(format!(
+            "vfplug-grpc-client-{}-{}.py",
+            std::process::id(),
+            test.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        ));
+        if let Err(e) = std::fs::write(&script, SCRIPT) {
+            panic!("writing {}: {e}", script.display());
+        }
+        Some(Self { python, script })
+    }
+
+    /// Runs one client against `socket`. `Ok` holds the script's JSON answer; `Err` the reason a
+    /// call failed (the script's output and exit status).
+    pub async fn call(
+        &self,
+        service: Service,
+        socket: &Path,
+        authority: &str,
+    ) -> Result<serde_json::Value, String> {
+        let proto_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+        let mut cmd = tokio::process::Command::new(&self.python);
+        cmd.arg(&self.script)
+            .arg("--proto-root")
+            .arg(&proto_root)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--service")
+            .arg(match service {
+                Service::DevicePlugin => "deviceplugin",
+                Service::Node => "node",
+            })
+            .args(["--authority", authority, "--timeout", "10"])
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .map_err(|_| "python client did not finish in 60 s".to_owned())?
+            .map_err(|e| format!("running {}: {e}", self.python.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(format!(
+                "{service:?} with :authority mode {authority}: {} stdout={stdout} stderr={stderr}",
+                out.status
+            ));
+        }
+        serde_json::from_str(stdout.trim())
+            .map_err(|e| format!("client output is not JSON ({e}): {stdout}"))
+    }
+}
+
+impl Drop for PythonGrpc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.script);
+    }
+}
