@@ -219,6 +219,9 @@ pub struct PluginConfig {
     pub register_timeout: Duration,
     /// How long no ListAndWatch stream may be open, after one was, before we register again.
     pub stream_lost_grace: Duration,
+    /// How long after the kubelet accepts a registration its ListAndWatch stream must open. A
+    /// registration counts only then: a kubelet can answer `Register` and never dial back.
+    pub stream_open_timeout: Duration,
     /// The kubelet dir as the kubelet itself sees it, when vfplugd mounts it elsewhere (e.g.
     /// `/host/var/lib/kubelet`). Used for `PluginInfo.endpoint`, a full path the kubelet dials.
     /// `None`: same as `kubelet_dir`.
@@ -226,7 +229,8 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
-    /// Defaults: auto mode, 100 ms debounce, 100 ms polling, backoff 100 ms .. 5 s.
+    /// Defaults: auto mode, 100 ms debounce, 100 ms polling, backoff 100 ms .. 5 s, ListAndWatch
+    /// expected within 10 s of registration.
     pub fn new(pool: impl Into<String>, kubelet_dir: impl Into<PathBuf>) -> Self {
         Self {
             pool: pool.into(),
@@ -238,6 +242,7 @@ impl PluginConfig {
             backoff_max: Duration::from_secs(5),
             register_timeout: Duration::from_secs(15),
             stream_lost_grace: Duration::from_secs(2),
+            stream_open_timeout: Duration::from_secs(10),
             kubelet_dir_on_host: None,
         }
     }
@@ -306,6 +311,7 @@ impl PluginConfig {
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
     registrations_ok: AtomicU64,
+    registrations_confirmed: AtomicU64,
     registrations_failed: AtomicU64,
     rebinds: AtomicU64,
     allocations_ok: AtomicU64,
@@ -317,9 +323,13 @@ pub struct PluginMetrics {
 /// A point-in-time copy of [`PluginMetrics`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
-    /// Successful registrations (legacy Register OK, or NotifyRegistrationStatus(true)).
+    /// Registrations the kubelet accepted (legacy Register OK, or
+    /// NotifyRegistrationStatus(true)), whether or not it then opened ListAndWatch.
     pub registrations_ok: u64,
-    /// Failed or refused registrations.
+    /// Real registrations: accepted, and the kubelet's ListAndWatch stream opened in time
+    /// (feeds `vfplug_registrations`).
+    pub registrations_confirmed: u64,
+    /// Failed or refused registrations, including accepted ones whose ListAndWatch never opened.
     pub registrations_failed: u64,
     /// Sessions ended because the socket vanished, kubelet.sock changed or streams were lost.
     pub rebinds: u64,
@@ -338,6 +348,7 @@ impl PluginMetrics {
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             registrations_ok: self.registrations_ok.load(Ordering::Relaxed),
+            registrations_confirmed: self.registrations_confirmed.load(Ordering::Relaxed),
             registrations_failed: self.registrations_failed.load(Ordering::Relaxed),
             rebinds: self.rebinds.load(Ordering::Relaxed),
             allocations_ok: self.allocations_ok.load(Ordering::Relaxed),
@@ -364,6 +375,9 @@ pub enum PluginError {
     /// Register did not answer in time.
     #[error("Register timed out after {0:?}")]
     Timeout(Duration),
+    /// The kubelet accepted the registration but never opened ListAndWatch.
+    #[error("the kubelet accepted the registration but opened no ListAndWatch stream within {0:?}")]
+    NoListAndWatch(Duration),
     /// The gRPC server stopped on its own.
     #[error("gRPC server stopped: {0}")]
     Server(String),
@@ -378,7 +392,8 @@ pub struct PluginHandle {
 }
 
 impl PluginHandle {
-    /// `true` while the kubelet has accepted our registration (for `/readyz`).
+    /// `true` while a registration is confirmed: the kubelet accepted it and its ListAndWatch
+    /// stream opened (for `/readyz`).
     pub fn registered(&self) -> watch::Receiver<bool> {
         self.registered.clone()
     }
@@ -655,6 +670,8 @@ async fn supervise(
 ) -> SessionEnd {
     let kubelet_sock = config.kubelet_socket();
     let mut kubelet_id = None;
+    // Set when the kubelet accepts the registration, cleared once its ListAndWatch opened.
+    let mut accepted_at: Option<Instant> = None;
     if mode == RegistrationMode::Legacy {
         kubelet_id = uds::socket_id(&kubelet_sock);
         let register = register_legacy(config, resource);
@@ -666,9 +683,11 @@ async fn supervise(
             return SessionEnd::Failed(e);
         }
         bump(&metrics.registrations_ok);
-        backoff.reset();
-        registered.send_replace(true);
-        tracing::info!(resource, socket = %sock.display(), "registered with the kubelet (legacy)");
+        accepted_at = Some(Instant::now());
+        tracing::debug!(
+            resource,
+            "kubelet accepted Register; waiting for ListAndWatch"
+        );
     } else {
         tracing::info!(resource, socket = %sock.display(), "serving in plugins_registry; waiting for the kubelet");
     }
@@ -690,15 +709,30 @@ async fn supervise(
             Some(status) = status_rx.recv() => {
                 if status.plugin_registered {
                     bump(&metrics.registrations_ok);
-                    backoff.reset();
-                    registered.send_replace(true);
-                    tracing::info!(resource, "kubelet registered the plugin (plugins_registry)");
+                    accepted_at = Some(Instant::now());
+                    tracing::debug!(resource, "kubelet accepted the plugin (plugins_registry); waiting for ListAndWatch");
                 } else {
                     // SRIOV-DP only stops its server here and stays dead; we serve again.
                     return SessionEnd::Failed(PluginError::Refused(status.error));
                 }
             }
             _ = tick.tick() => {
+                if let Some(at) = accepted_at {
+                    if shared.streams_opened.load(Ordering::SeqCst) > 0 {
+                        accepted_at = None;
+                        bump(&metrics.registrations_confirmed);
+                        backoff.reset();
+                        registered.send_replace(true);
+                        tracing::info!(resource, socket = %sock.display(), ?mode, "registered with the kubelet (ListAndWatch open)");
+                    } else if at.elapsed() >= config.stream_open_timeout {
+                        tracing::error!(
+                            resource,
+                            timeout = ?config.stream_open_timeout,
+                            "the kubelet accepted the registration but never opened ListAndWatch; registering again"
+                        );
+                        return SessionEnd::Failed(PluginError::NoListAndWatch(config.stream_open_timeout));
+                    }
+                }
                 if uds::socket_id(sock) != Some(sock_id) {
                     return SessionEnd::Rebind("plugin socket removed or replaced (kubelet restart?)");
                 }
