@@ -67,6 +67,7 @@ pub mod authority;
 pub mod foreign;
 pub mod plugin;
 pub mod podresources;
+pub mod retrylog;
 pub mod sriov;
 #[cfg(feature = "testing")]
 pub mod testing;

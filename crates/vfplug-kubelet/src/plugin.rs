@@ -34,6 +34,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::pluginregistration as preg;
 use crate::api::v1beta1 as dp;
+use crate::retrylog::{RetryLog, Verdict};
 use crate::uds;
 
 /// The device-plugin API version we implement and register with.
@@ -468,6 +469,7 @@ async fn run<B: PluginBackend>(
     metrics: Arc<PluginMetrics>,
 ) {
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    let mut retry_log = RetryLog::new(RETRY_WARN_EVERY);
     let resource = backend.resource_name().to_owned();
     'sessions: while !cancel.is_cancelled() {
         let mode = config.effective_mode();
@@ -480,6 +482,7 @@ async fn run<B: PluginBackend>(
             &registered,
             &metrics,
             &mut backoff,
+            &mut retry_log,
         )
         .await;
         registered.send_replace(false);
@@ -496,7 +499,7 @@ async fn run<B: PluginBackend>(
             SessionEnd::Failed(err) => {
                 bump(&metrics.registrations_failed);
                 let delay = backoff.step();
-                tracing::warn!(resource, error = %err, retry_in = ?delay, "device plugin registration failed");
+                log_failure(&resource, &err, delay, retry_log.failure(Instant::now()));
                 // Sleep out the backoff, but retry at once when a new kubelet.sock appears (a
                 // restarted kubelet), so a long backoff never delays re-registration.
                 let kubelet_sock = config.kubelet_socket();
@@ -523,6 +526,41 @@ async fn run<B: PluginBackend>(
         }
     }
     tracing::info!(resource, "device plugin stopped");
+}
+
+/// At most one warning per this interval while registration keeps failing.
+const RETRY_WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Logs a failed registration as [`RetryLog`] says: the first of a run and a periodic summary
+/// loudly (an accepted registration without ListAndWatch as an error: the kubelet misbehaves),
+/// the rest at debug.
+fn log_failure(resource: &str, err: &PluginError, retry_in: Duration, verdict: Verdict) {
+    let loud = matches!(err, PluginError::NoListAndWatch(_));
+    match verdict {
+        Verdict::Quiet => {
+            tracing::debug!(resource, error = %err, ?retry_in, "device plugin registration failed again");
+        }
+        Verdict::First if loud => {
+            tracing::error!(resource, error = %err, ?retry_in, "device plugin registration failed; retrying");
+        }
+        Verdict::First => {
+            tracing::warn!(resource, error = %err, ?retry_in, "device plugin registration failed; retrying");
+        }
+        Verdict::Summary {
+            suppressed,
+            consecutive,
+            failing_for,
+        } if loud => {
+            tracing::error!(resource, error = %err, ?retry_in, suppressed, consecutive, ?failing_for, "device plugin registration still failing");
+        }
+        Verdict::Summary {
+            suppressed,
+            consecutive,
+            failing_for,
+        } => {
+            tracing::warn!(resource, error = %err, ?retry_in, suppressed, consecutive, ?failing_for, "device plugin registration still failing");
+        }
+    }
 }
 
 /// Per-session state shared between the gRPC services and the session loop.
@@ -560,6 +598,7 @@ async fn session<B: PluginBackend>(
     registered: &watch::Sender<bool>,
     metrics: &Arc<PluginMetrics>,
     backoff: &mut Backoff,
+    retry_log: &mut RetryLog,
 ) -> SessionEnd {
     let resource = backend.resource_name().to_owned();
     let kubelet_sock = config.kubelet_socket();
@@ -632,6 +671,7 @@ async fn session<B: PluginBackend>(
         registered,
         metrics,
         backoff,
+        retry_log,
         &shared,
         &mut status_rx,
         &mut server,
@@ -664,6 +704,7 @@ async fn supervise(
     registered: &watch::Sender<bool>,
     metrics: &PluginMetrics,
     backoff: &mut Backoff,
+    retry_log: &mut RetryLog,
     shared: &SessionShared,
     status_rx: &mut mpsc::Receiver<preg::RegistrationStatus>,
     server: &mut JoinHandle<Result<(), tonic::transport::Error>>,
@@ -724,12 +765,10 @@ async fn supervise(
                         backoff.reset();
                         registered.send_replace(true);
                         tracing::info!(resource, socket = %sock.display(), ?mode, "registered with the kubelet (ListAndWatch open)");
+                        if let Some(r) = retry_log.success(Instant::now()) {
+                            tracing::info!(resource, failures = r.failures, after = ?r.after, "device plugin registration recovered");
+                        }
                     } else if at.elapsed() >= config.stream_open_timeout {
-                        tracing::error!(
-                            resource,
-                            timeout = ?config.stream_open_timeout,
-                            "the kubelet accepted the registration but never opened ListAndWatch; registering again"
-                        );
                         return SessionEnd::Failed(PluginError::NoListAndWatch(config.stream_open_timeout));
                     }
                 }
