@@ -28,8 +28,8 @@ use vfplug_host::driver::{DriverBinder, SysfsDriverBinder, VFIO_PCI};
 use vfplug_host::sysfs::SysfsInventory;
 use vfplug_host::watch::{HostEvent, WatchConfig, spawn_watcher};
 use vfplug_kubelet::plugin::{
-    AllocError, ContainerAlloc, PluginBackend, PluginConfig, PluginDevice, PluginHandle,
-    RegistrationMode, spawn_plugin,
+    AllocError, ContainerAlloc, PluginBackend, PluginDevice, PluginHandle, RegistrationMode,
+    spawn_plugin,
 };
 use vfplug_kubelet::podresources::{PodResourcesState, spawn_poller};
 use vfplug_kubelet::sriov;
@@ -276,7 +276,7 @@ async fn run(
     }
     let mut host_events = spawn_watcher(watch_cfg, cancel.child_token());
     let podres = spawn_poller(
-        vfplug_kubelet::podresources::socket_path(&opts.kubelet_dir),
+        opts.pod_resources_socket(),
         opts.podresources_interval,
         cancel.child_token(),
     );
@@ -481,7 +481,7 @@ fn sync_pools(
             resource: resource.clone(),
             devices: rx,
         });
-        let mut pc = PluginConfig::new(pool.name.clone(), shared.opts.kubelet_dir.clone());
+        let mut pc = shared.opts.plugin_config(pool.name.clone());
         pc.mode = match shared.opts.registration {
             Registration::Auto => RegistrationMode::Auto,
             Registration::Legacy => RegistrationMode::Legacy,

@@ -198,13 +198,19 @@ impl std::fmt::Display for RegistrationMode {
     }
 }
 
-/// Configuration of one plugin server. Every path derives from `kubelet_dir`.
+/// Configuration of one plugin server. The kubelet's paths default from `kubelet_dir` and can be
+/// set one by one (a kubelet with `--root-dir` elsewhere, or directories mounted apart).
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
     /// Pool name; names the socket (`vfplug-<pool>.sock`).
     pub pool: String,
     /// The kubelet's root dir, normally `/var/lib/kubelet`.
     pub kubelet_dir: PathBuf,
+    /// Where device-plugin sockets and the kubelet's `kubelet.sock` are (legacy registration);
+    /// default `<kubelet_dir>/device-plugins`.
+    pub device_plugin_dir: PathBuf,
+    /// The directory the kubelet's plugin watcher watches; default `<kubelet_dir>/plugins_registry`.
+    pub plugins_registry_dir: PathBuf,
     /// Registration mode.
     pub mode: RegistrationMode,
     /// Minimum spacing of ListAndWatch snapshots: a change after a quiet period is sent at once,
@@ -233,9 +239,12 @@ impl PluginConfig {
     /// Defaults: auto mode, 100 ms debounce, 100 ms polling, backoff 100 ms .. 5 s, ListAndWatch
     /// expected within 10 s of registration.
     pub fn new(pool: impl Into<String>, kubelet_dir: impl Into<PathBuf>) -> Self {
+        let kubelet_dir = kubelet_dir.into();
         Self {
             pool: pool.into(),
-            kubelet_dir: kubelet_dir.into(),
+            device_plugin_dir: kubelet_dir.join(DEVICE_PLUGINS_DIR),
+            plugins_registry_dir: kubelet_dir.join(PLUGINS_REGISTRY_DIR),
+            kubelet_dir,
             mode: RegistrationMode::Auto,
             debounce: Duration::from_millis(100),
             poll_interval: Duration::from_millis(100),
@@ -250,11 +259,10 @@ impl PluginConfig {
 
     /// `PluginInfo.endpoint` in plugins_registry mode: our socket's path as the kubelet sees it.
     pub fn advertised_endpoint(&self) -> PathBuf {
-        let dir = self
-            .kubelet_dir_on_host
-            .as_ref()
-            .unwrap_or(&self.kubelet_dir);
-        dir.join(PLUGINS_REGISTRY_DIR).join(self.socket_name())
+        match &self.kubelet_dir_on_host {
+            Some(dir) => dir.join(PLUGINS_REGISTRY_DIR).join(self.socket_name()),
+            None => self.plugins_registry_dir.join(self.socket_name()),
+        }
     }
 
     /// Socket file name, `vfplug-<pool>.sock`, with characters unsafe in a file name replaced.
@@ -273,22 +281,15 @@ impl PluginConfig {
         format!("vfplug-{pool}.sock")
     }
 
-    /// `<kubelet-dir>/device-plugins/kubelet.sock`.
+    /// `<device-plugin-dir>/kubelet.sock`.
     pub fn kubelet_socket(&self) -> PathBuf {
-        self.kubelet_dir
-            .join(DEVICE_PLUGINS_DIR)
-            .join(KUBELET_SOCKET)
-    }
-
-    /// `<kubelet-dir>/plugins_registry`.
-    pub fn plugins_registry_dir(&self) -> PathBuf {
-        self.kubelet_dir.join(PLUGINS_REGISTRY_DIR)
+        self.device_plugin_dir.join(KUBELET_SOCKET)
     }
 
     /// The mode the next session will use.
     pub fn effective_mode(&self) -> RegistrationMode {
         match self.mode {
-            RegistrationMode::Auto if self.plugins_registry_dir().is_dir() => {
+            RegistrationMode::Auto if self.plugins_registry_dir.is_dir() => {
                 RegistrationMode::PluginsRegistry
             }
             RegistrationMode::Auto => RegistrationMode::Legacy,
@@ -299,10 +300,8 @@ impl PluginConfig {
     /// Socket path for `mode` (which must not be `Auto`; `Auto` is resolved first).
     pub fn socket_path(&self, mode: RegistrationMode) -> PathBuf {
         let dir = match mode {
-            RegistrationMode::PluginsRegistry => self.plugins_registry_dir(),
-            RegistrationMode::Legacy | RegistrationMode::Auto => {
-                self.kubelet_dir.join(DEVICE_PLUGINS_DIR)
-            }
+            RegistrationMode::PluginsRegistry => &self.plugins_registry_dir,
+            RegistrationMode::Legacy | RegistrationMode::Auto => &self.device_plugin_dir,
         };
         dir.join(self.socket_name())
     }
@@ -1212,6 +1211,26 @@ mod tests {
         assert_eq!(
             c.kubelet_socket(),
             dir.path().join("device-plugins/kubelet.sock")
+        );
+    }
+
+    #[test]
+    fn each_kubelet_path_can_be_set_on_its_own() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut c = PluginConfig::new("p", "/nonexistent/kubelet");
+        c.device_plugin_dir = dir.path().join("dp");
+        c.plugins_registry_dir = dir.path().join("reg");
+        assert_eq!(c.kubelet_socket(), dir.path().join("dp/kubelet.sock"));
+        assert_eq!(
+            c.socket_path(RegistrationMode::Legacy),
+            dir.path().join("dp/vfplug-p.sock")
+        );
+        assert_eq!(c.effective_mode(), RegistrationMode::Legacy);
+        std::fs::create_dir(dir.path().join("reg")).expect("mkdir");
+        assert_eq!(c.effective_mode(), RegistrationMode::PluginsRegistry);
+        assert_eq!(
+            c.advertised_endpoint(),
+            dir.path().join("reg/vfplug-p.sock")
         );
     }
 
