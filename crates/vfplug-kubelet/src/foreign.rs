@@ -38,16 +38,18 @@ fn required() -> bool {
 }
 
 impl PythonGrpc {
-    /// Finds the interpreter (`$VFPLUG_PYTHON`, `/usr/bin/python3`, then `python3` on `PATH`).
+    /// Finds the interpreter: `$VFPLUG_PYTHON` when set, else `/usr/bin/python3`, then `python3`
+    /// on `PATH`.
     /// `None` after printing a SKIP line when there is none; panics instead under
     /// `VFPLUG_REQUIRE=1`.
     pub fn find(test: &str) -> Option<Self> {
-        let mut candidates: Vec<PathBuf> = Vec::new();
-        if let Some(p) = std::env::var_os("VFPLUG_PYTHON") {
-            candidates.push(p.into());
-        }
-        candidates.push("/usr/bin/python3".into());
-        candidates.push("python3".into());
+        // An explicit choice is the only candidate, so a wrong one is not silently replaced.
+        let candidates: Vec<PathBuf> = match std::env::var_os("VFPLUG_PYTHON") {
+            Some(p) => vec![p.into()],
+            // Debian's python3-grpcio installs for /usr/bin/python3, which a pyenv or venv
+            // python3 on PATH may hide.
+            None => vec!["/usr/bin/python3".into(), "python3".into()],
+        };
         let python = candidates.into_iter().find(|p| {
             std::process::Command::new(p)
                 .args(["-c", "import grpc, grpc_tools.protoc"])
