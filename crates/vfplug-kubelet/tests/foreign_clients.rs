@@ -184,3 +184,50 @@ async fn requests_without_or_with_unusable_authority_are_served() {
     cancel.cancel();
     h.join().await;
 }
+
+/// grpc-go dialing the way kubelets before 1.26 do (the socket path as `:authority`), plus the
+/// percent-encoded path and `localhost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_go_dialing_like_an_old_kubelet_reaches_the_device_plugin() {
+    use vfplug_kubelet::foreign::{GO_AUTHORITY_MODES, GoGrpc};
+    let Some(go) = GoGrpc::build("grpc_go_dialing_like_an_old_kubelet_reaches_the_device_plugin")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let backend = Arc::new(TestBackend::new(
+        "vfplug.io",
+        "pool0",
+        TestBackend::vfio_devices(2),
+    ));
+    let mut config = PluginConfig::new("pool0", dir.path());
+    config.mode = RegistrationMode::Legacy;
+    let cancel = CancellationToken::new();
+    let h = spawn_plugin(config, backend.clone(), cancel.clone());
+    let mut reg = h.registered();
+    tokio::time::timeout(Duration::from_secs(10), reg.wait_for(|r| *r))
+        .await
+        .expect("registered in time")
+        .expect("plugin task alive");
+    let sock = dir.path().join("device-plugins/vfplug-pool0.sock");
+    let mut failures = Vec::new();
+    for mode in GO_AUTHORITY_MODES {
+        match go.call(&sock, mode, "0000:10:00.1").await {
+            Ok(v) => {
+                assert_eq!(v["list_and_watch_has_device"], true, "{v}");
+                assert_eq!(v["preferred_has_device"], true, "{v}");
+                assert_eq!(v["allocate_has_device"], true, "{v}");
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "clients refused:\n{}",
+        failures.join("\n")
+    );
+    assert_eq!(backend.allocations().len(), GO_AUTHORITY_MODES.len());
+    cancel.cancel();
+    h.join().await;
+}
