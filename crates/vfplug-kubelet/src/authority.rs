@@ -13,7 +13,14 @@
 //! authority with `localhost` (a valid one is kept), and re-encodes as literals without
 //! indexing. Literals never touch h2's dynamic table, so the only HPACK state to mirror is the
 //! client's encoder table, kept by our decoder; dynamic table size updates are applied there and
-//! not forwarded. [`AuthorityFixed`] puts the filter between an accepted socket and tonic; the
+//! not forwarded.
+//!
+//! A gRPC channel sends one `:authority` for the life of a connection, so the first header block
+//! decides: when h2 would accept it (valid, or absent), that block goes out unchanged and the
+//! whole connection passes through untouched from then on, at no cost (tonic's and newer
+//! kubelets' connections). Only a connection whose first `:authority` h2 would refuse is
+//! rewritten, every block of it. (A later per-call authority h2 refuses, on a connection that
+//! began with a valid one, still meets h2's refusal, as without this filter.) [`AuthorityFixed`] puts the filter between an accepted socket and tonic; the
 //! server→client direction is untouched.
 
 use std::io;
@@ -112,6 +119,8 @@ impl FrameHeader {
 /// A header block being collected across HEADERS and CONTINUATION frames.
 #[derive(Debug)]
 struct OpenBlock {
+    /// The block's frames as received, kept only until the connection's mode is decided.
+    raw: Option<Vec<u8>>,
     stream: u32,
     /// END_STREAM of the HEADERS frame.
     end_stream: bool,
@@ -129,6 +138,10 @@ pub struct AuthorityRewriter {
     open: Option<OpenBlock>,
     decoder: loona_hpack::Decoder<'static>,
     rewritten: u64,
+    /// Set once a block needed rewriting: from then on every block is re-encoded.
+    rewriting: bool,
+    /// Set when the first block went out unchanged: the rest of the connection passes through.
+    pass_rest: bool,
 }
 
 impl std::fmt::Debug for AuthorityRewriter {
@@ -159,7 +172,15 @@ impl AuthorityRewriter {
             open: None,
             decoder,
             rewritten: 0,
+            rewriting: false,
+            pass_rest: false,
         }
+    }
+
+    /// Whether everything from now on passes unchanged and nothing is buffered, so the caller
+    /// may read past the filter.
+    pub fn is_transparent(&self) -> bool {
+        matches!(self.phase, Phase::Passthrough) && self.pending.is_empty()
     }
 
     /// How many `:authority` values were replaced so far.
@@ -234,6 +255,9 @@ impl AuthorityRewriter {
                     let payload = self.pending.split_to(head.len);
                     self.phase = Phase::FrameHeader;
                     self.header_frame(head, &payload, out)?;
+                    if self.pass_rest {
+                        self.phase = Phase::Passthrough;
+                    }
                 }
             }
         }
@@ -265,7 +289,9 @@ impl AuthorityRewriter {
             }
             // Padding is dropped: it carries nothing and the re-encoded frames need none.
             let fragment = body[..body.len() - pad].to_vec();
+            let raw = (!self.rewriting).then(|| raw_frame(head, payload));
             self.open = Some(OpenBlock {
+                raw,
                 stream: head.stream,
                 end_stream: head.flags & FLAG_END_STREAM != 0,
                 priority,
@@ -280,6 +306,9 @@ impl AuthorityRewriter {
                 return Err(RewriteError::BlockTooLarge);
             }
             open.fragment.extend_from_slice(payload);
+            if let Some(raw) = &mut open.raw {
+                raw.extend(raw_frame(head, payload));
+            }
         }
         if head.flags & FLAG_END_HEADERS != 0
             && let Some(block) = self.open.take()
@@ -310,7 +339,17 @@ impl AuthorityRewriter {
             );
         }
         self.rewritten += rewritten;
-        write_header_frames(block, &encoded, out);
+        match &block.raw {
+            // The first block, and h2 accepts it as it is: so will it the rest of the connection.
+            Some(raw) if rewritten == 0 && !self.rewriting => {
+                out.extend_from_slice(raw);
+                self.pass_rest = true;
+            }
+            _ => {
+                self.rewriting = true;
+                write_header_frames(block, &encoded, out);
+            }
+        }
         Ok(())
     }
 }
@@ -386,8 +425,16 @@ fn write_header_frames(block: &OpenBlock, encoded: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// A received frame's bytes (the reserved stream-id bit, which receivers ignore, is cleared).
+fn raw_frame(head: FrameHeader, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    write_frame_header(payload.len(), head.kind, head.flags, head.stream, &mut out);
+    out.extend_from_slice(payload);
+    out
+}
+
 fn write_frame_header(len: usize, kind: u8, flags: u8, stream: u32, out: &mut Vec<u8>) {
-    // len <= MAX_FRAME < 2^24.
+    // len <= MAX_HEADER_BLOCK < 2^24.
     out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
     out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
 }
@@ -429,6 +476,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.ready.is_empty() && this.rewriter.is_transparent() {
+            // The usual connection after its first request: read straight into the caller's
+            // buffer, no copy.
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         let mut chunk = [0u8; 16 * 1024];
         // A read that completes only part of a frame yields no output; read again rather than
         // return an empty read, which the caller would take for end of stream.
@@ -779,6 +831,45 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_that_starts_with_a_valid_authority_passes_byte_for_byte() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[0, 4, 0, 1, 0, 0]));
+        let b1 = encoder_block(
+            &[(b":method", b"POST"), (b":authority", b"localhost")],
+            &mut enc,
+        );
+        // Padded, with a CONTINUATION: forwarded as it came.
+        let (a, b) = b1.split_at(2);
+        let mut p = vec![2u8];
+        p.extend_from_slice(a);
+        p.extend_from_slice(&[0, 0]);
+        input.extend(frame(TYPE_HEADERS, FLAG_PADDED, 1, &p));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b));
+        input.extend(frame(0x0, FLAG_END_STREAM, 1, b"\0\0\0\0\0"));
+        // Even bytes that are no valid HPACK pass: h2 judges them, not the filter.
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            3,
+            &[0xff, 0xff, 0xff],
+        ));
+        let mut rw = AuthorityRewriter::new();
+        let mut out = Vec::new();
+        for chunk in input.chunks(3) {
+            rw.feed(chunk, &mut out).expect("feed");
+        }
+        assert_eq!(out, input);
+        assert_eq!(rw.rewritten(), 0);
+        // Without any :authority, too.
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        let blk = encoder_block(&[(b":method", b"POST"), (b":path", b"/a/B")], &mut enc);
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &blk));
+        assert_eq!(run(&input, 1), input);
+    }
+
+    #[test]
     fn not_http2_passes_unchanged() {
         let input = b"GET / HTTP/1.1\r\nHost: /x.sock\r\n\r\n";
         assert_eq!(run(input, 3), input.to_vec());
@@ -929,6 +1020,16 @@ mod tests {
                     want_others.extend(frame(0x0, 0, stream, &r.data_after));
                 }
                 let out = run(&input, split);
+                // The first block decides: rewrite the connection when h2 would refuse its
+                // :authority, else pass everything through unchanged.
+                let rewrite = reqs[0]
+                    .headers
+                    .iter()
+                    .any(|(n, v)| n == b":authority" && h2_refuses(v));
+                if !rewrite {
+                    prop_assert_eq!(out, input);
+                    return Ok(());
+                }
                 let (others, blocks) = server_view(&out);
                 prop_assert_eq!(others, want_others);
                 prop_assert_eq!(blocks.len(), reqs.len());
