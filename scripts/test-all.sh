@@ -22,7 +22,8 @@ if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends iproute2 cpio bc ca-certificates \
-        containernetworking-plugins >/dev/null
+        containernetworking-plugins python3-grpcio python3-grpc-tools golang-go \
+        golang-google-grpc-dev >/dev/null
 else
     echo "== setup: not root, skipping apt-get (packages assumed present)"
 fi

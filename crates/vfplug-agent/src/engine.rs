@@ -303,7 +303,7 @@ async fn run(
     let mut host_events = spawn_watcher(watch_cfg, cancel.child_token());
     let mut health_changes = shared.health_changed.subscribe();
     let podres = spawn_poller(
-        vfplug_kubelet::podresources::socket_path(&opts.kubelet_dir),
+        opts.pod_resources_socket(),
         opts.podresources_interval,
         cancel.child_token(),
     );
@@ -317,7 +317,7 @@ async fn run(
     // for Prometheus and keeps that work off the Allocate path's way.
     let metrics_every = opts.metrics_interval;
     let mut metrics_at: Option<Instant> = None;
-    let mut registered: BTreeMap<String, bool> = BTreeMap::new();
+    let mut registered: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut failure = None;
     let mut tick = tokio::time::interval(opts.poll_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -382,14 +382,27 @@ async fn run(
                     bind_vfio_where_configured(&shared).await;
                 }
                 let all_registered = pools.values().all(|p| *p.handle.registered().borrow());
+                // vfplug_registrations: what the plugin counted since the last tick, confirmed
+                // (the kubelet opened ListAndWatch) and failed (refused, or never opened).
                 for (resource, p) in &pools {
-                    let now = *p.handle.registered().borrow();
-                    let before = registered.insert(resource.clone(), now).unwrap_or(false);
-                    if now && !before {
-                        shared.metrics.registrations.get_or_create(&crate::metrics::RegistrationLabel {
-                            pool: resource.clone(),
-                            result: "registered".into(),
-                        }).inc();
+                    let m = p.handle.metrics().snapshot();
+                    let (ok0, failed0) = registered
+                        .insert(resource.clone(), (m.registrations_confirmed, m.registrations_failed))
+                        .unwrap_or((0, 0));
+                    for (result, n) in [
+                        ("confirmed", m.registrations_confirmed.saturating_sub(ok0)),
+                        ("failed", m.registrations_failed.saturating_sub(failed0)),
+                    ] {
+                        if n > 0 {
+                            shared
+                                .metrics
+                                .registrations
+                                .get_or_create(&crate::metrics::RegistrationLabel {
+                                    pool: resource.clone(),
+                                    result: result.into(),
+                                })
+                                .inc_by(n);
+                        }
                     }
                 }
                 ready.send_if_modified(|r| {

@@ -120,7 +120,7 @@ fn commit_logged(
 /// Asks PodResources once, now (an ADD needs to know which of a pool's kubelet VFs is its pod's
 /// before the next poll).
 pub(crate) async fn ask_podresources(shared: &Shared, timeout: Duration) -> Result<(), String> {
-    let path = vfplug_kubelet::podresources::socket_path(&shared.opts.kubelet_dir);
+    let path = shared.opts.pod_resources_socket();
     let allocs = tokio::time::timeout(timeout, async move {
         let mut c = PodResourcesClient::connect(&path)
             .await

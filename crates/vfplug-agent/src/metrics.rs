@@ -93,7 +93,7 @@ impl Metrics {
         );
         r.register(
             "registrations",
-            "Registration attempts",
+            "Registrations with the kubelet by result: confirmed (ListAndWatch opened) or failed",
             self.registrations.clone(),
         );
         r.register("inventory_scans", "Inventory scans", self.scans.clone());

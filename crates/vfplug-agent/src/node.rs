@@ -553,8 +553,8 @@ pub(crate) fn serve(
     // chmod changed the file's ctime, which is part of its identity: take it again.
     let id = vfplug_kubelet::uds::socket_id(path).unwrap_or(id);
     let me = rustix::process::geteuid().as_raw();
-    let incoming =
-        tokio_stream::wrappers::UnixListenerStream::new(listener).filter(move |conn| match conn {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .filter(move |conn| match conn {
             Ok(stream) => match stream.peer_cred() {
                 Ok(c) if c.uid() == 0 || c.uid() == me => true,
                 Ok(c) => {
@@ -570,7 +570,9 @@ pub(crate) fn serve(
                 }
             },
             Err(_) => true,
-        });
+        })
+        // grpcio, grpc-java and old grpc-go send the socket path as :authority, which h2 refuses.
+        .map(|conn| conn.map(vfplug_kubelet::authority::AuthorityFixed::new));
     let svc = Arc::new(NodeService::new(shared, exec));
     let path = path.to_path_buf();
     info!(socket = %path.display(), "node API listening");

@@ -30,8 +30,14 @@ pub struct AgentOptions {
     pub sysfs_root: PathBuf,
     /// Stands for `/dev` (only for lookups; DeviceSpecs still name `/dev`).
     pub dev_root: PathBuf,
-    /// Stands for `/var/lib/kubelet`.
+    /// Stands for `/var/lib/kubelet`; the three paths below default from it.
     pub kubelet_dir: PathBuf,
+    /// The kubelet's device-plugin dir (`kubelet.sock`); `None`: `<kubelet_dir>/device-plugins`.
+    pub device_plugin_dir: Option<PathBuf>,
+    /// The kubelet's plugin-watcher dir; `None`: `<kubelet_dir>/plugins_registry`.
+    pub plugins_registry_dir: Option<PathBuf>,
+    /// The kubelet's PodResources socket; `None`: `<kubelet_dir>/pod-resources/kubelet.sock`.
+    pub pod_resources_socket: Option<PathBuf>,
     /// Where the ledger lives.
     pub state_dir: PathBuf,
     /// The pool config file (vfplug YAML or sriov-network-device-plugin JSON).
@@ -85,6 +91,25 @@ pub mod defaults {
 }
 
 impl AgentOptions {
+    /// The device-plugin config of `pool` with the kubelet paths of these options.
+    pub(crate) fn plugin_config(&self, pool: String) -> vfplug_kubelet::PluginConfig {
+        let mut pc = vfplug_kubelet::PluginConfig::new(pool, self.kubelet_dir.clone());
+        if let Some(d) = &self.device_plugin_dir {
+            pc.device_plugin_dir = d.clone();
+        }
+        if let Some(d) = &self.plugins_registry_dir {
+            pc.plugins_registry_dir = d.clone();
+        }
+        pc
+    }
+
+    /// The kubelet's PodResources socket.
+    pub(crate) fn pod_resources_socket(&self) -> PathBuf {
+        self.pod_resources_socket
+            .clone()
+            .unwrap_or_else(|| vfplug_kubelet::podresources::socket_path(&self.kubelet_dir))
+    }
+
     /// Options rooted in one directory, as tests and the demo use them: a simulated PF for VF
     /// settings and simulated netdevs (tests swap in real ones), the node API at `<root>/vfplugd.sock`.
     pub fn rooted(root: &std::path::Path, config_path: PathBuf) -> Self {
@@ -93,6 +118,9 @@ impl AgentOptions {
             sysfs_root: root.join("sys"),
             dev_root: root.join("dev"),
             kubelet_dir: root.join("kubelet"),
+            device_plugin_dir: None,
+            plugins_registry_dir: None,
+            pod_resources_socket: None,
             state_dir: root.join("state"),
             config_path,
             device_info_dir: root.join("devinfo"),

@@ -12,9 +12,7 @@ use vfplug_core::{
     Config, DeviceMode, Inventory, PciAddress, PfLinkDown, PoolConfig, VfInfo, assign_pools,
 };
 use vfplug_host::driver::{DriverBinder, SysfsDriverBinder, VFIO_PCI};
-use vfplug_kubelet::plugin::{
-    PluginConfig, PluginDevice, PluginHandle, RegistrationMode, spawn_plugin,
-};
+use vfplug_kubelet::plugin::{PluginDevice, PluginHandle, RegistrationMode, spawn_plugin};
 
 use crate::kubelet::PoolBackend;
 use crate::metrics::PoolState;
@@ -70,7 +68,7 @@ pub(crate) fn sync_pools(
             resource: resource.clone(),
             devices: rx,
         });
-        let mut pc = PluginConfig::new(pool.name.clone(), shared.opts.kubelet_dir.clone());
+        let mut pc = shared.opts.plugin_config(pool.name.clone());
         pc.mode = match shared.opts.registration {
             Registration::Auto => RegistrationMode::Auto,
             Registration::Legacy => RegistrationMode::Legacy,

@@ -6,6 +6,8 @@
 //! - [`sriov`]: builds Allocate responses byte-compatible with sriov-network-device-plugin
 //!   (`PCIDEVICE_*` env, `/dev/vfio` device specs, CDI names) and device-info files.
 //! - [`podresources`]: client and poller of the kubelet's PodResources v1 API.
+//! - [`authority`]: lets every gRPC client in, whatever `:authority` it sends (a socket path
+//!   included), by mending the header blocks before h2 sees them.
 //! - [`api`]: the generated kubelet protocol types (from `proto/kubelet`).
 //! - `testing` (cargo feature `testing`): an in-process fake kubelet for tests.
 //!
@@ -60,9 +62,13 @@
 //! ```
 
 pub mod api;
+pub mod authority;
 pub mod cdi;
+#[cfg(feature = "testing")]
+pub mod foreign;
 pub mod plugin;
 pub mod podresources;
+pub mod retrylog;
 pub mod sriov;
 #[cfg(feature = "testing")]
 pub mod testing;

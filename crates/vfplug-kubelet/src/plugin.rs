@@ -28,12 +28,13 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::api::pluginregistration as preg;
 use crate::api::v1beta1 as dp;
+use crate::retrylog::{RetryLog, Verdict};
 use crate::uds;
 
 /// The device-plugin API version we implement and register with.
@@ -197,13 +198,19 @@ impl std::fmt::Display for RegistrationMode {
     }
 }
 
-/// Configuration of one plugin server. Every path derives from `kubelet_dir`.
+/// Configuration of one plugin server. The kubelet's paths default from `kubelet_dir` and can be
+/// set one by one (a kubelet with `--root-dir` elsewhere, or directories mounted apart).
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
     /// Pool name; names the socket (`vfplug-<pool>.sock`).
     pub pool: String,
     /// The kubelet's root dir, normally `/var/lib/kubelet`.
     pub kubelet_dir: PathBuf,
+    /// Where device-plugin sockets and the kubelet's `kubelet.sock` are (legacy registration);
+    /// default `<kubelet_dir>/device-plugins`.
+    pub device_plugin_dir: PathBuf,
+    /// The directory the kubelet's plugin watcher watches; default `<kubelet_dir>/plugins_registry`.
+    pub plugins_registry_dir: PathBuf,
     /// Registration mode.
     pub mode: RegistrationMode,
     /// Minimum spacing of ListAndWatch snapshots: a change after a quiet period is sent at once,
@@ -219,6 +226,9 @@ pub struct PluginConfig {
     pub register_timeout: Duration,
     /// How long no ListAndWatch stream may be open, after one was, before we register again.
     pub stream_lost_grace: Duration,
+    /// How long after the kubelet accepts a registration its ListAndWatch stream must open. A
+    /// registration counts only then: a kubelet can answer `Register` and never dial back.
+    pub stream_open_timeout: Duration,
     /// The kubelet dir as the kubelet itself sees it, when vfplugd mounts it elsewhere (e.g.
     /// `/host/var/lib/kubelet`). Used for `PluginInfo.endpoint`, a full path the kubelet dials.
     /// `None`: same as `kubelet_dir`.
@@ -226,11 +236,15 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
-    /// Defaults: auto mode, 100 ms debounce, 100 ms polling, backoff 100 ms .. 5 s.
+    /// Defaults: auto mode, 100 ms debounce, 100 ms polling, backoff 100 ms .. 5 s, ListAndWatch
+    /// expected within 10 s of registration.
     pub fn new(pool: impl Into<String>, kubelet_dir: impl Into<PathBuf>) -> Self {
+        let kubelet_dir = kubelet_dir.into();
         Self {
             pool: pool.into(),
-            kubelet_dir: kubelet_dir.into(),
+            device_plugin_dir: kubelet_dir.join(DEVICE_PLUGINS_DIR),
+            plugins_registry_dir: kubelet_dir.join(PLUGINS_REGISTRY_DIR),
+            kubelet_dir,
             mode: RegistrationMode::Auto,
             debounce: Duration::from_millis(100),
             poll_interval: Duration::from_millis(100),
@@ -238,17 +252,17 @@ impl PluginConfig {
             backoff_max: Duration::from_secs(5),
             register_timeout: Duration::from_secs(15),
             stream_lost_grace: Duration::from_secs(2),
+            stream_open_timeout: Duration::from_secs(10),
             kubelet_dir_on_host: None,
         }
     }
 
     /// `PluginInfo.endpoint` in plugins_registry mode: our socket's path as the kubelet sees it.
     pub fn advertised_endpoint(&self) -> PathBuf {
-        let dir = self
-            .kubelet_dir_on_host
-            .as_ref()
-            .unwrap_or(&self.kubelet_dir);
-        dir.join(PLUGINS_REGISTRY_DIR).join(self.socket_name())
+        match &self.kubelet_dir_on_host {
+            Some(dir) => dir.join(PLUGINS_REGISTRY_DIR).join(self.socket_name()),
+            None => self.plugins_registry_dir.join(self.socket_name()),
+        }
     }
 
     /// Socket file name, `vfplug-<pool>.sock`, with characters unsafe in a file name replaced.
@@ -267,22 +281,15 @@ impl PluginConfig {
         format!("vfplug-{pool}.sock")
     }
 
-    /// `<kubelet-dir>/device-plugins/kubelet.sock`.
+    /// `<device-plugin-dir>/kubelet.sock`.
     pub fn kubelet_socket(&self) -> PathBuf {
-        self.kubelet_dir
-            .join(DEVICE_PLUGINS_DIR)
-            .join(KUBELET_SOCKET)
-    }
-
-    /// `<kubelet-dir>/plugins_registry`.
-    pub fn plugins_registry_dir(&self) -> PathBuf {
-        self.kubelet_dir.join(PLUGINS_REGISTRY_DIR)
+        self.device_plugin_dir.join(KUBELET_SOCKET)
     }
 
     /// The mode the next session will use.
     pub fn effective_mode(&self) -> RegistrationMode {
         match self.mode {
-            RegistrationMode::Auto if self.plugins_registry_dir().is_dir() => {
+            RegistrationMode::Auto if self.plugins_registry_dir.is_dir() => {
                 RegistrationMode::PluginsRegistry
             }
             RegistrationMode::Auto => RegistrationMode::Legacy,
@@ -293,10 +300,8 @@ impl PluginConfig {
     /// Socket path for `mode` (which must not be `Auto`; `Auto` is resolved first).
     pub fn socket_path(&self, mode: RegistrationMode) -> PathBuf {
         let dir = match mode {
-            RegistrationMode::PluginsRegistry => self.plugins_registry_dir(),
-            RegistrationMode::Legacy | RegistrationMode::Auto => {
-                self.kubelet_dir.join(DEVICE_PLUGINS_DIR)
-            }
+            RegistrationMode::PluginsRegistry => &self.plugins_registry_dir,
+            RegistrationMode::Legacy | RegistrationMode::Auto => &self.device_plugin_dir,
         };
         dir.join(self.socket_name())
     }
@@ -306,6 +311,7 @@ impl PluginConfig {
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
     registrations_ok: AtomicU64,
+    registrations_confirmed: AtomicU64,
     registrations_failed: AtomicU64,
     rebinds: AtomicU64,
     allocations_ok: AtomicU64,
@@ -317,9 +323,13 @@ pub struct PluginMetrics {
 /// A point-in-time copy of [`PluginMetrics`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
-    /// Successful registrations (legacy Register OK, or NotifyRegistrationStatus(true)).
+    /// Registrations the kubelet accepted (legacy Register OK, or
+    /// NotifyRegistrationStatus(true)), whether or not it then opened ListAndWatch.
     pub registrations_ok: u64,
-    /// Failed or refused registrations.
+    /// Real registrations: accepted, and the kubelet's ListAndWatch stream opened in time
+    /// (feeds `vfplug_registrations`).
+    pub registrations_confirmed: u64,
+    /// Failed or refused registrations, including accepted ones whose ListAndWatch never opened.
     pub registrations_failed: u64,
     /// Sessions ended because the socket vanished, kubelet.sock changed or streams were lost.
     pub rebinds: u64,
@@ -338,6 +348,7 @@ impl PluginMetrics {
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             registrations_ok: self.registrations_ok.load(Ordering::Relaxed),
+            registrations_confirmed: self.registrations_confirmed.load(Ordering::Relaxed),
             registrations_failed: self.registrations_failed.load(Ordering::Relaxed),
             rebinds: self.rebinds.load(Ordering::Relaxed),
             allocations_ok: self.allocations_ok.load(Ordering::Relaxed),
@@ -364,6 +375,9 @@ pub enum PluginError {
     /// Register did not answer in time.
     #[error("Register timed out after {0:?}")]
     Timeout(Duration),
+    /// The kubelet accepted the registration but never opened ListAndWatch.
+    #[error("the kubelet accepted the registration but opened no ListAndWatch stream within {0:?}")]
+    NoListAndWatch(Duration),
     /// The gRPC server stopped on its own.
     #[error("gRPC server stopped: {0}")]
     Server(String),
@@ -378,7 +392,8 @@ pub struct PluginHandle {
 }
 
 impl PluginHandle {
-    /// `true` while the kubelet has accepted our registration (for `/readyz`).
+    /// `true` while a registration is confirmed: the kubelet accepted it and its ListAndWatch
+    /// stream opened (for `/readyz`).
     pub fn registered(&self) -> watch::Receiver<bool> {
         self.registered.clone()
     }
@@ -453,6 +468,7 @@ async fn run<B: PluginBackend>(
     metrics: Arc<PluginMetrics>,
 ) {
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    let mut retry_log = RetryLog::new(RETRY_WARN_EVERY);
     let resource = backend.resource_name().to_owned();
     'sessions: while !cancel.is_cancelled() {
         let mode = config.effective_mode();
@@ -465,6 +481,7 @@ async fn run<B: PluginBackend>(
             &registered,
             &metrics,
             &mut backoff,
+            &mut retry_log,
         )
         .await;
         registered.send_replace(false);
@@ -481,7 +498,7 @@ async fn run<B: PluginBackend>(
             SessionEnd::Failed(err) => {
                 bump(&metrics.registrations_failed);
                 let delay = backoff.step();
-                tracing::warn!(resource, error = %err, retry_in = ?delay, "device plugin registration failed");
+                log_failure(&resource, &err, delay, retry_log.failure(Instant::now()));
                 // Sleep out the backoff, but retry at once when a new kubelet.sock appears (a
                 // restarted kubelet), so a long backoff never delays re-registration.
                 let kubelet_sock = config.kubelet_socket();
@@ -508,6 +525,41 @@ async fn run<B: PluginBackend>(
         }
     }
     tracing::info!(resource, "device plugin stopped");
+}
+
+/// At most one warning per this interval while registration keeps failing.
+const RETRY_WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Logs a failed registration as [`RetryLog`] says: the first of a run and a periodic summary
+/// loudly (an accepted registration without ListAndWatch as an error: the kubelet misbehaves),
+/// the rest at debug.
+fn log_failure(resource: &str, err: &PluginError, retry_in: Duration, verdict: Verdict) {
+    let loud = matches!(err, PluginError::NoListAndWatch(_));
+    match verdict {
+        Verdict::Quiet => {
+            tracing::debug!(resource, error = %err, ?retry_in, "device plugin registration failed again");
+        }
+        Verdict::First if loud => {
+            tracing::error!(resource, error = %err, ?retry_in, "device plugin registration failed; retrying");
+        }
+        Verdict::First => {
+            tracing::warn!(resource, error = %err, ?retry_in, "device plugin registration failed; retrying");
+        }
+        Verdict::Summary {
+            suppressed,
+            consecutive,
+            failing_for,
+        } if loud => {
+            tracing::error!(resource, error = %err, ?retry_in, suppressed, consecutive, ?failing_for, "device plugin registration still failing");
+        }
+        Verdict::Summary {
+            suppressed,
+            consecutive,
+            failing_for,
+        } => {
+            tracing::warn!(resource, error = %err, ?retry_in, suppressed, consecutive, ?failing_for, "device plugin registration still failing");
+        }
+    }
 }
 
 /// Per-session state shared between the gRPC services and the session loop.
@@ -545,6 +597,7 @@ async fn session<B: PluginBackend>(
     registered: &watch::Sender<bool>,
     metrics: &Arc<PluginMetrics>,
     backoff: &mut Backoff,
+    retry_log: &mut RetryLog,
 ) -> SessionEnd {
     let resource = backend.resource_name().to_owned();
     let kubelet_sock = config.kubelet_socket();
@@ -598,7 +651,8 @@ async fn session<B: PluginBackend>(
         };
         router = router.add_service(preg::registration_server::RegistrationServer::new(reg));
     }
-    let incoming = UnixListenerStream::new(listener);
+    // Kubelets before 1.26 send our socket path as :authority, which h2 refuses.
+    let incoming = crate::authority::incoming(listener);
     let stop = session_token.clone();
     let mut server = tokio::spawn(async move {
         router
@@ -616,6 +670,7 @@ async fn session<B: PluginBackend>(
         registered,
         metrics,
         backoff,
+        retry_log,
         &shared,
         &mut status_rx,
         &mut server,
@@ -648,12 +703,15 @@ async fn supervise(
     registered: &watch::Sender<bool>,
     metrics: &PluginMetrics,
     backoff: &mut Backoff,
+    retry_log: &mut RetryLog,
     shared: &SessionShared,
     status_rx: &mut mpsc::Receiver<preg::RegistrationStatus>,
     server: &mut JoinHandle<Result<(), tonic::transport::Error>>,
 ) -> SessionEnd {
     let kubelet_sock = config.kubelet_socket();
     let mut kubelet_id = None;
+    // Set when the kubelet accepts the registration, cleared once its ListAndWatch opened.
+    let mut accepted_at: Option<Instant> = None;
     if mode == RegistrationMode::Legacy {
         kubelet_id = uds::socket_id(&kubelet_sock);
         let register = register_legacy(config, resource);
@@ -665,9 +723,11 @@ async fn supervise(
             return SessionEnd::Failed(e);
         }
         bump(&metrics.registrations_ok);
-        backoff.reset();
-        registered.send_replace(true);
-        tracing::info!(resource, socket = %sock.display(), "registered with the kubelet (legacy)");
+        accepted_at = Some(Instant::now());
+        tracing::debug!(
+            resource,
+            "kubelet accepted Register; waiting for ListAndWatch"
+        );
     } else {
         tracing::info!(resource, socket = %sock.display(), "serving in plugins_registry; waiting for the kubelet");
     }
@@ -689,15 +749,28 @@ async fn supervise(
             Some(status) = status_rx.recv() => {
                 if status.plugin_registered {
                     bump(&metrics.registrations_ok);
-                    backoff.reset();
-                    registered.send_replace(true);
-                    tracing::info!(resource, "kubelet registered the plugin (plugins_registry)");
+                    accepted_at = Some(Instant::now());
+                    tracing::debug!(resource, "kubelet accepted the plugin (plugins_registry); waiting for ListAndWatch");
                 } else {
                     // SRIOV-DP only stops its server here and stays dead; we serve again.
                     return SessionEnd::Failed(PluginError::Refused(status.error));
                 }
             }
             _ = tick.tick() => {
+                if let Some(at) = accepted_at {
+                    if shared.streams_opened.load(Ordering::SeqCst) > 0 {
+                        accepted_at = None;
+                        bump(&metrics.registrations_confirmed);
+                        backoff.reset();
+                        registered.send_replace(true);
+                        tracing::info!(resource, socket = %sock.display(), ?mode, "registered with the kubelet (ListAndWatch open)");
+                        if let Some(r) = retry_log.success(Instant::now()) {
+                            tracing::info!(resource, failures = r.failures, after = ?r.after, "device plugin registration recovered");
+                        }
+                    } else if at.elapsed() >= config.stream_open_timeout {
+                        return SessionEnd::Failed(PluginError::NoListAndWatch(config.stream_open_timeout));
+                    }
+                }
                 if uds::socket_id(sock) != Some(sock_id) {
                     return SessionEnd::Rebind("plugin socket removed or replaced (kubelet restart?)");
                 }
@@ -1138,6 +1211,26 @@ mod tests {
         assert_eq!(
             c.kubelet_socket(),
             dir.path().join("device-plugins/kubelet.sock")
+        );
+    }
+
+    #[test]
+    fn each_kubelet_path_can_be_set_on_its_own() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut c = PluginConfig::new("p", "/nonexistent/kubelet");
+        c.device_plugin_dir = dir.path().join("dp");
+        c.plugins_registry_dir = dir.path().join("reg");
+        assert_eq!(c.kubelet_socket(), dir.path().join("dp/kubelet.sock"));
+        assert_eq!(
+            c.socket_path(RegistrationMode::Legacy),
+            dir.path().join("dp/vfplug-p.sock")
+        );
+        assert_eq!(c.effective_mode(), RegistrationMode::Legacy);
+        std::fs::create_dir(dir.path().join("reg")).expect("mkdir");
+        assert_eq!(c.effective_mode(), RegistrationMode::PluginsRegistry);
+        assert_eq!(
+            c.advertised_endpoint(),
+            dir.path().join("reg/vfplug-p.sock")
         );
     }
 

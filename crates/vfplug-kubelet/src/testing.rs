@@ -120,6 +120,7 @@ struct Shared {
     snapshots: Mutex<Vec<Snapshot>>,
     endpoints: Mutex<HashMap<String, Endpoint>>,
     refuse: AtomicUsize,
+    ghost: AtomicUsize,
     events: Mutex<Option<watch::Sender<u64>>>,
 }
 
@@ -142,6 +143,13 @@ impl Shared {
     /// Refuses if the refuse counter is positive (and decrements it).
     fn take_refusal(&self) -> bool {
         self.refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Accepts without dialing back if the ghost counter is positive (and decrements it).
+    fn take_ghost(&self) -> bool {
+        self.ghost
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
     }
@@ -231,6 +239,11 @@ impl dp::registration_server::Registration for FakeRegistration {
         if self.shared.take_refusal() {
             self.shared.record(rec);
             return Err(Status::unavailable("registration refused by fake kubelet"));
+        }
+        if self.shared.take_ghost() {
+            rec.accepted = true;
+            self.shared.record(rec);
+            return Ok(Response::new(dp::Empty {}));
         }
         let path = self.plugin_dir.join(&r.endpoint);
         let res = connect_plugin(&self.shared, &r.resource_name, &path, &self.generation).await;
@@ -360,6 +373,12 @@ impl FakeKubelet {
     /// `NotifyRegistrationStatus(false)`).
     pub fn refuse_next(&self, n: usize) {
         self.shared.refuse.store(n, Ordering::SeqCst);
+    }
+
+    /// Accepts the next `n` legacy registrations but never dials the plugin back (no
+    /// ListAndWatch), as a kubelet whose endpoint setup failed after `Register` answered.
+    pub fn ghost_next(&self, n: usize) {
+        self.shared.ghost.store(n, Ordering::SeqCst);
     }
 
     /// Every registration attempt so far.

@@ -650,3 +650,45 @@ async fn kubelet_restart_in_plugins_registry_mode_reregisters() {
     cancel.cancel();
     h.join().await;
 }
+
+/// Issue 8, finding 3: a kubelet that answers Register but never opens ListAndWatch has not
+/// registered us. Readiness stays false, the attempt counts as failed, and we register again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_counts_only_once_list_and_watch_opens() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    kubelet.ghost_next(1);
+    let b = backend(2);
+    let cancel = CancellationToken::new();
+    let mut c = config(dir.path(), RegistrationMode::Legacy);
+    c.stream_open_timeout = Duration::from_millis(400);
+    let h = spawn_plugin(c, b, cancel.clone());
+    let mut reg = h.registered();
+
+    // The first Register is accepted, and nothing follows.
+    kubelet.wait_registrations(1, WAIT).await.unwrap();
+    let accepted = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!*reg.borrow(), "registered before any ListAndWatch");
+    assert_eq!(h.metrics().snapshot().registrations_confirmed, 0);
+
+    // After the bound, a failed registration and a second Register, which the kubelet follows
+    // with ListAndWatch: now we are registered.
+    wait_registered(&mut reg, true).await;
+    assert!(accepted.elapsed() >= Duration::from_millis(350));
+    let regs = kubelet.registrations();
+    assert_eq!(regs.len(), 2, "{regs:?}");
+    assert!(regs.iter().all(|r| r.accepted));
+    let m = h.metrics().snapshot();
+    assert_eq!(m.registrations_ok, 2);
+    assert_eq!(m.registrations_confirmed, 1);
+    assert_eq!(m.registrations_failed, 1);
+    kubelet
+        .wait_snapshot(RES, None, WAIT, |s| s.devices.len() == 2)
+        .await
+        .unwrap();
+
+    cancel.cancel();
+    h.join().await;
+}

@@ -28,9 +28,21 @@ struct Args {
     /// Root of device nodes for lookups (DeviceSpecs still name /dev).
     #[arg(long, env = "VFPLUG_DEV_ROOT", default_value = "/dev")]
     dev_root: PathBuf,
-    /// The kubelet's directory (stands for /var/lib/kubelet).
+    /// The kubelet's root directory (its --root-dir); the three kubelet paths below default
+    /// from it.
     #[arg(long, env = "VFPLUG_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     kubelet_dir: PathBuf,
+    /// The kubelet's device-plugin directory, with its kubelet.sock [default:
+    /// <kubelet-dir>/device-plugins].
+    #[arg(long, env = "VFPLUG_DEVICE_PLUGIN_DIR")]
+    device_plugin_dir: Option<PathBuf>,
+    /// The directory the kubelet's plugin watcher watches [default:
+    /// <kubelet-dir>/plugins_registry].
+    #[arg(long, env = "VFPLUG_PLUGINS_REGISTRY_DIR")]
+    plugins_registry_dir: Option<PathBuf>,
+    /// The kubelet's PodResources socket [default: <kubelet-dir>/pod-resources/kubelet.sock].
+    #[arg(long, env = "VFPLUG_POD_RESOURCES_SOCKET")]
+    pod_resources_socket: Option<PathBuf>,
     /// Where the ledger is kept.
     #[arg(long, env = "VFPLUG_STATE_DIR", default_value = "/var/lib/vfplug")]
     state_dir: PathBuf,
@@ -150,6 +162,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sysfs_root: args.sysfs_root,
         dev_root: args.dev_root,
         kubelet_dir: args.kubelet_dir,
+        device_plugin_dir: args.device_plugin_dir,
+        plugins_registry_dir: args.plugins_registry_dir,
+        pod_resources_socket: args.pod_resources_socket,
         state_dir: args.state_dir,
         config_path: args.config,
         device_info_dir: args.device_info_dir,

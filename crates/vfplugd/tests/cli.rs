@@ -107,12 +107,17 @@ async fn vfplugd_registers_serves_health_and_stops_on_sigterm() {
     loop {
         let (code, body) = http_get(&addr, "/metrics").unwrap();
         assert_eq!(code, 200);
-        if body.contains(r#"vfplug_vfs{pool="intel.com/intel_sriov_netdevice",state="free"} 16"#) {
+        // ... and the registration the kubelet confirmed (it opened ListAndWatch), once.
+        if body.contains(r#"vfplug_vfs{pool="intel.com/intel_sriov_netdevice",state="free"} 16"#)
+            && body.contains(
+                r#"vfplug_registrations_total{pool="intel.com/intel_sriov_netdevice",result="confirmed"} 1"#,
+            )
+        {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "metrics never showed 16 free VFs:\n{body}"
+            "metrics never showed 16 free VFs and one confirmed registration:\n{body}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -339,4 +344,83 @@ async fn vfplugd_exits_nonzero_when_its_ledger_cannot_be_written() {
         err.contains("ledger journal failed") && err.contains("No space left"),
         "{err}"
     );
+}
+
+/// Issue 8, finding 9: each kubelet path has its own flag. The kubelet's root dir names a place
+/// with nothing in it; the device-plugin dir and the PodResources socket are given on their own
+/// and are the ones used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kubelet_path_has_its_own_flag() {
+    use vfplug_kubelet::testing::FakePodResources;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut b = SysfsBuilder::new(&root.join("sys"));
+    b.pf("0000:af:00.0")
+        .driver("ixgbe")
+        .netdev("enp175s0f0")
+        .vfs(2, |i| {
+            VfSpec::new()
+                .driver("ixgbevf")
+                .netdev(format!("enp175s0f0v{i}"))
+        })
+        .build()
+        .unwrap();
+    let cfg = root.join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"resourceList": [{"resourceName": "net", "selectors": {"pfNames": ["enp175s0f0"]}}]}"#,
+    )
+    .unwrap();
+    // The kubelet's directories live apart (as when mounted one by one into a container).
+    let kubelet = FakeKubelet::start(&root.join("apart")).await.unwrap();
+    let podres = FakePodResources::start(&root.join("apart")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
+        .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
+        .args([
+            "--kubelet-dir",
+            root.join("no-kubelet-here").to_str().unwrap(),
+        ])
+        .args([
+            "--device-plugin-dir",
+            root.join("apart/device-plugins").to_str().unwrap(),
+        ])
+        .args([
+            "--plugins-registry-dir",
+            root.join("apart/plugins_registry").to_str().unwrap(),
+        ])
+        .args([
+            "--pod-resources-socket",
+            root.join("apart/pod-resources/kubelet.sock")
+                .to_str()
+                .unwrap(),
+        ])
+        .args(["--podresources-seconds", "1"])
+        .args(["--state-dir", root.join("state").to_str().unwrap()])
+        .args(["--socket", root.join("vfplugd.sock").to_str().unwrap()])
+        .args(["--vf-netlink", "simulated"])
+        .args(["--config", cfg.to_str().unwrap()])
+        .args(["--dev-root", root.join("dev").to_str().unwrap()])
+        .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])
+        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let registered = kubelet.wait_registrations(1, Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while podres.list_calls() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let polled = podres.list_calls();
+    let _ = child.kill();
+    let _ = child.wait();
+    registered.expect("registered through --device-plugin-dir");
+    assert!(
+        root.join("apart/device-plugins/vfplug-net.sock").exists()
+            || kubelet.registrations()[0].endpoint == "vfplug-net.sock"
+    );
+    assert!(
+        polled > 0,
+        "PodResources never polled at --pod-resources-socket"
+    );
+    assert!(!root.join("no-kubelet-here/device-plugins").exists());
 }
