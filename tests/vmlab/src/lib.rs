@@ -21,6 +21,7 @@ pub mod cpio;
 pub mod guest;
 pub mod l1;
 pub mod lab;
+pub mod plugd;
 pub mod qmp;
 pub mod sriov;
 pub mod timing;
