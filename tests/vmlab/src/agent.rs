@@ -14,6 +14,9 @@
 //! The `vfconfig` phase drives vfplug-host's real rtnetlink ([`RtVfNetlink`]) and its VF policy
 //! ([`vfset`]) against igb's PF: apply every sriov-cni knob, read back, compare with what
 //! iproute2 prints, check igb's refusals, restore, read back equal to the saved state.
+//!
+//! The `vfplugd` phase ([`crate::plugd`]) runs the real vfplugd and the real `vfplug` CNI binary
+//! on the VFs (created with autoprobe on for it, so igbvf has them, as on a default node).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
