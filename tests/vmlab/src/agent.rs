@@ -14,6 +14,9 @@
 //! The `vfconfig` phase drives vfplug-host's real rtnetlink ([`RtVfNetlink`]) and its VF policy
 //! ([`vfset`]) against igb's PF: apply every sriov-cni knob, read back, compare with what
 //! iproute2 prints, check igb's refusals, restore, read back equal to the saved state.
+//!
+//! The `vfplugd` phase ([`crate::plugd`]) runs the real vfplugd and the real `vfplug` CNI binary
+//! on the VFs (created with autoprobe on for it, so igbvf has them, as on a default node).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,6 +32,7 @@ use vfplug_host::vfset;
 
 use crate::guest::GUEST_PREFIX;
 use crate::lab::Lab;
+use crate::plugd::{self, Binaries};
 use crate::qmp::{connect_retry, vfio_device};
 use crate::sriov::Sysfs;
 use crate::vm::{Vm, VmConfig};
@@ -51,6 +55,8 @@ pub enum Phase {
     Linux,
     /// VF settings through the PF with vfplug-host's rtnetlink, on the last VF (no L2).
     VfConfig,
+    /// The real vfplugd and `vfplug` CNI binary on VF 0 (netdev pool) and VF 1 (vfio pool).
+    Vfplugd,
 }
 
 /// The agent's command line: `--key value` pairs.
@@ -70,6 +76,8 @@ pub struct AgentArgs {
     pub l2_initrd: PathBuf,
     /// Phases, in order.
     pub phases: Vec<Phase>,
+    /// The host-built vfplugd and `vfplug` CNI binary (for [`Phase::Vfplugd`]).
+    pub plugd: Binaries,
 }
 
 impl AgentArgs {
@@ -84,6 +92,10 @@ impl AgentArgs {
             l2_kernel: "/lab/vmlinuz".into(),
             l2_initrd: "/lab/l2.cpio".into(),
             phases: vec![Phase::Prelaunch],
+            plugd: Binaries {
+                vfplugd: "/lab/vfplugd".into(),
+                cni: "/lab/vfplug".into(),
+            },
         };
         let mut it = args.into_iter();
         while let Some(k) = it.next() {
@@ -95,6 +107,8 @@ impl AgentArgs {
                 "--workdir" => a.workdir = v.into(),
                 "--l2-kernel" => a.l2_kernel = v.into(),
                 "--l2-initrd" => a.l2_initrd = v.into(),
+                "--vfplugd" => a.plugd.vfplugd = v.into(),
+                "--cni" => a.plugd.cni = v.into(),
                 "--phases" => {
                     a.phases = v
                         .split(',')
@@ -102,6 +116,7 @@ impl AgentArgs {
                             "prelaunch" => Ok(Phase::Prelaunch),
                             "linux" => Ok(Phase::Linux),
                             "vfconfig" => Ok(Phase::VfConfig),
+                            "vfplugd" => Ok(Phase::Vfplugd),
                             other => Err(format!("unknown phase {other:?}")),
                         })
                         .collect::<Result<_, _>>()?
@@ -119,14 +134,14 @@ impl AgentArgs {
 /// Result of one step, for the report line.
 type Step<T> = Result<T, String>;
 
-fn figure(name: &str, d: Duration) {
+pub(crate) fn figure(name: &str, d: Duration) {
     println!(
         "{AGENT_PREFIX} FIGURE {name} {:.1}",
         d.as_secs_f64() * 1000.0
     );
 }
 
-fn pass(step: &str, detail: &str) {
+pub(crate) fn pass(step: &str, detail: &str) {
     println!("{AGENT_PREFIX} PASS {step} {detail}");
 }
 
@@ -151,9 +166,16 @@ async fn run_steps(args: &AgentArgs) -> Step<()> {
         .map_err(|e| format!("pf-found: {e}"))?;
     pass("pf-found", &format!("pf={pf}"));
 
+    // The L2 phases want VF 0 driverless for vfio-pci; vfplugd wants them on igbvf, as a node
+    // with the default autoprobe has them.
+    let l2 = args
+        .phases
+        .iter()
+        .any(|p| matches!(p, Phase::Prelaunch | Phase::Linux));
+    let autoprobe = args.phases.contains(&Phase::Vfplugd);
     let t = Instant::now();
     let vfs = sys
-        .create_vfs(&pf, args.numvfs)
+        .create_vfs(&pf, args.numvfs, autoprobe)
         .map_err(|e| format!("vfs-created: {e}"))?;
     figure("sriov.vf_create", t.elapsed());
     if vfs.len() != args.numvfs as usize {
@@ -165,32 +187,28 @@ async fn run_steps(args: &AgentArgs) -> Step<()> {
     let list: Vec<String> = vfs.iter().map(ToString::to_string).collect();
     pass(
         "vfs-created",
-        &format!("n={} vfs={}", vfs.len(), list.join(",")),
+        &format!(
+            "n={} vfs={} autoprobe={autoprobe}",
+            vfs.len(),
+            list.join(",")
+        ),
     );
     let vf = vfs[0];
-
-    // vfplug-host's binder, the one vfplugd binds vfio pools with: driver_override, unbind,
-    // drivers_probe, and the driver read back (a probe that did not take is an error).
-    let t = Instant::now();
-    SysfsDriverBinder::new(args.sysfs.clone())
-        .bind_vfio(vf)
-        .map_err(|e| format!("vfio-bound: {e}"))?;
-    figure("sriov.vfio_bind", t.elapsed());
-    let group = sys
-        .iommu_group(&vf)
-        .map_err(|e| format!("vfio-bound: {e}"))?;
-    let node = PathBuf::from(format!("/dev/vfio/{group}"));
-    if !node.exists() {
-        return Err(format!("vfio-bound: {} missing", node.display()));
+    // Only the L2 phases want VF 0 on vfio-pci before they start; vfplugd binds its own.
+    if l2 {
+        bind_vf0(args, &sys, &vf)?;
     }
-    pass("vfio-bound", &format!("vf={vf} group={group}"));
 
     for phase in &args.phases {
         match phase {
             Phase::Prelaunch => prelaunch(args, &vf, vfs.get(1)).await?,
             Phase::Linux => linux(args, &vf).await?,
             Phase::VfConfig => vf_config(&sys, &pf, args.numvfs - 1)?,
+            Phase::Vfplugd => plugd::run(&sys, &pf, &vfs, &args.plugd).await?,
         }
+    }
+    if !l2 {
+        return Ok(());
     }
     // The VF stays with vfio-pci after the unplug: returning it to the pool is the executor's job.
     let after = sys.driver(&vf).map_err(|e| format!("vf-still-vfio: {e}"))?;
@@ -198,6 +216,26 @@ async fn run_steps(args: &AgentArgs) -> Step<()> {
         return Err(format!("vf-still-vfio: driver is {after:?}"));
     }
     pass("vf-still-vfio", &format!("vf={vf}"));
+    Ok(())
+}
+
+/// VF 0 onto vfio-pci with vfplug-host's binder, for the L2 phases.
+fn bind_vf0(args: &AgentArgs, sys: &Sysfs, vf: &PciAddress) -> Step<()> {
+    // vfplug-host's binder, the one vfplugd binds vfio pools with: driver_override, unbind,
+    // drivers_probe, and the driver read back (a probe that did not take is an error).
+    let t = Instant::now();
+    SysfsDriverBinder::new(args.sysfs.clone())
+        .bind_vfio(*vf)
+        .map_err(|e| format!("vfio-bound: {e}"))?;
+    figure("sriov.vfio_bind", t.elapsed());
+    let group = sys
+        .iommu_group(vf)
+        .map_err(|e| format!("vfio-bound: {e}"))?;
+    let node = PathBuf::from(format!("/dev/vfio/{group}"));
+    if !node.exists() {
+        return Err(format!("vfio-bound: {} missing", node.display()));
+    }
+    pass("vfio-bound", &format!("vf={vf} group={group}"));
     Ok(())
 }
 
@@ -514,7 +552,7 @@ fn iproute2_agrees(pf_dev: &str, vf: u32, want: &VfSettings) -> Step<Option<Stri
     }
 }
 
-fn pf_netdev(sys: &Sysfs, pf: &PciAddress) -> Step<String> {
+pub(crate) fn pf_netdev(sys: &Sysfs, pf: &PciAddress) -> Step<String> {
     let dir = sys.device(pf).join("net");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?

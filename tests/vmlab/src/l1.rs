@@ -56,6 +56,8 @@ pub struct L1Run {
     pub agent: PathBuf,
     /// The agent's arguments (e.g. `--numvfs 2 --phases vfconfig --workdir /tmp/vmlab-l2`).
     pub agent_args: String,
+    /// More host-built binaries, staged in /lab under their file names (e.g. vfplugd).
+    pub binaries: Vec<PathBuf>,
     /// Also stage L2's kernel (`/lab/vmlinuz`) and initramfs (`/lab/l2.cpio`).
     pub stage_l2: bool,
     /// L1's memory.
@@ -84,6 +86,13 @@ pub async fn run_l1(
 ) -> Result<(Vec<String>, Figures), LabError> {
     let staged = run_dir.join("vmlab-guest-agent");
     std::fs::copy(&r.agent, &staged).map_err(io(&staged))?;
+    for b in &r.binaries {
+        let name = b.file_name().ok_or_else(|| LabError::Missing {
+            what: format!("{}: not a file name", b.display()),
+        })?;
+        let to = run_dir.join(name);
+        std::fs::copy(b, &to).map_err(io(&to))?;
+    }
     if r.stage_l2 {
         let k = run_dir.join("vmlinuz");
         std::fs::copy(&lab.kernel, &k).map_err(io(&k))?;

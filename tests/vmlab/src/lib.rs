@@ -1,5 +1,6 @@
 //! The VM lab: real QEMU (TCG), emulated SR-IOV (`igb`) and VFIO, where vfplug-qmp and
-//! vfplug-host's driver binder and rtnetlink meet a real kernel (vfplugd itself never runs here).
+//! vfplug-host's driver binder and rtnetlink, and the real vfplugd and `vfplug` CNI binary, meet a
+//! real kernel.
 //!
 //! Start with docs/vm-lab.md, then the tier tests in `tests/` (`qemu_tier.rs`, `sriov_tier.rs`).
 //! This library is their toolkit:
@@ -9,6 +10,7 @@
 //! * [`vm`]: starting QEMU ([`vm::VmConfig`], [`vm::Vm`]) and waiting for serial-console lines;
 //! * [`l1`]: booting the sriov tiers' L1 guest with the guest agent and collecting its report;
 //! * [`qmp`]: connecting vfplug-qmp to a just-started QEMU (retries until the socket answers);
+//! * [`plugd`]: the agent's `vfplugd` phase (vfplugd and the CNI plugin on the real VFs);
 //! * [`sriov`]: the lab's own sysfs steps in L1 (finding the PF, creating VFs, IOMMU groups);
 //! * [`timing`]: the figures the tiers measure and print.
 //!
@@ -21,6 +23,7 @@ pub mod cpio;
 pub mod guest;
 pub mod l1;
 pub mod lab;
+pub mod plugd;
 pub mod qmp;
 pub mod sriov;
 pub mod timing;

@@ -116,10 +116,19 @@ impl Sysfs {
         })
     }
 
-    /// Creates `n` VFs on `pf` with driver autoprobe off, and returns their addresses (virtfn order).
-    pub fn create_vfs(&self, pf: &PciAddress, n: u32) -> Result<Vec<PciAddress>, SriovError> {
+    /// Creates `n` VFs on `pf` and returns their addresses (virtfn order). With `autoprobe` off
+    /// they stay without a driver (for vfio-pci); on, igbvf takes them, as on a default node.
+    pub fn create_vfs(
+        &self,
+        pf: &PciAddress,
+        n: u32,
+        autoprobe: bool,
+    ) -> Result<Vec<PciAddress>, SriovError> {
         let d = self.device(pf);
-        self.write(&d.join("sriov_drivers_autoprobe"), "0")?;
+        self.write(
+            &d.join("sriov_drivers_autoprobe"),
+            if autoprobe { "1" } else { "0" },
+        )?;
         // numvfs can only change from 0; make the step idempotent for reruns.
         if self.read(&d.join("sriov_numvfs"))? != "0" {
             self.write(&d.join("sriov_numvfs"), "0")?;
@@ -224,7 +233,7 @@ mod tests {
     #[test]
     fn create_vfs_turns_autoprobe_off_resets_numvfs_and_lists_vfs() {
         let (_t, s, pf) = fixture();
-        let vfs = s.create_vfs(&pf, 2).unwrap();
+        let vfs = s.create_vfs(&pf, 2, false).unwrap();
         let d = s.device(&pf);
         assert_eq!(
             std::fs::read_to_string(d.join("sriov_drivers_autoprobe")).unwrap(),

@@ -23,6 +23,7 @@ async fn run_l1(
             "--numvfs 2 --phases {phases} --l2-kernel /lab/vmlinuz --l2-initrd /lab/l2.cpio \
              --workdir /tmp/vmlab-l2"
         ),
+        binaries: Vec::new(),
         stage_l2: true,
         memory_mb,
         budget,

@@ -18,6 +18,7 @@ async fn run_vfconfig(lab: &Lab) -> (Vec<String>, Figures) {
     let r = L1Run {
         agent: env!("CARGO_BIN_EXE_vmlab-guest-agent").into(),
         agent_args: "--numvfs 2 --phases vfconfig --workdir /tmp/vmlab-l2".into(),
+        binaries: Vec::new(),
         stage_l2: false,
         memory_mb: 1024,
         budget: Duration::from_secs(300),
