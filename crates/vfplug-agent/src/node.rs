@@ -23,6 +23,9 @@ use crate::ports::AgentExecutor;
 use crate::ports::{facts, free_vfs};
 use crate::state::{Shared, lock};
 
+/// How long a shutdown waits for node-API clients to finish their calls before closing them.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A node-API failure: the CNI code the shim prints, a message, and details.
 #[derive(Debug)]
 pub(crate) struct NodeError {
@@ -579,10 +582,22 @@ pub(crate) fn serve(
     let span = tracing::info_span!("node_api", socket = %path.display());
     Ok(tokio::spawn(tracing::Instrument::instrument(
         async move {
-            let result = tonic::transport::Server::builder()
+            let server = tonic::transport::Server::builder()
                 .add_service(v1::node_server::NodeServer::from_arc(svc))
-                .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
-                .await;
+                .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
+            tokio::pin!(server);
+            // A graceful shutdown waits for every client connection to close; a hung CNI shim
+            // (or an idle client) must not hold vfplugd's restart until the kubelet's SIGKILL.
+            let result = tokio::select! {
+                r = &mut server => r,
+                () = async {
+                    cancel.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => {
+                    warn!(grace = ?SHUTDOWN_GRACE, "node API: clients still connected after shutdown; closing them");
+                    Ok(())
+                }
+            };
             vfplug_kubelet::uds::remove_if_ours(&path, id);
             result.map_err(|e| {
                 tracing::error!(error = %e, "node API server failed");

@@ -273,7 +273,7 @@ impl LedgerPort for AgentLedger {
                         crate::kubelet::ask_podresources(&self.shared, PODRESOURCES_ASK_TIMEOUT)
                             .await
                     {
-                        info!(error = %e, "PodResources did not answer; picking a free VF of the pool");
+                        info!(error = %e, "PodResources did not answer; going on with what the ledger knows");
                     }
                 }
             }

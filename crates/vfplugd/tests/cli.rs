@@ -424,3 +424,69 @@ async fn each_kubelet_path_has_its_own_flag() {
     );
     assert!(!root.join("no-kubelet-here/device-plugins").exists());
 }
+
+/// A client that keeps a node-API connection open (a hung CNI shim) does not hold vfplugd's
+/// shutdown: SIGTERM still ends it within the grace period (found in the VM lab, where an idle
+/// connection kept vfplugd up until it was killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_api_client_does_not_hold_the_shutdown() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut b = SysfsBuilder::new(&root.join("sys"));
+    b.pf("0000:af:00.0")
+        .driver("ice")
+        .netdev("ens1f0")
+        .vfs(2, |_| VfSpec::new().driver("vfio-pci"))
+        .build()
+        .unwrap();
+    std::fs::write(
+        root.join("config.yaml"),
+        "pools:\n  - name: vm\n    deviceMode: vfio\n    selectors: { pfNames: [ens1f0] }\n",
+    )
+    .unwrap();
+    let sock = root.join("vfplugd.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
+        .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
+        .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
+        .args(["--state-dir", root.join("state").to_str().unwrap()])
+        .args(["--socket", sock.to_str().unwrap()])
+        .args(["--vf-netlink", "simulated"])
+        .args(["--config", root.join("config.yaml").to_str().unwrap()])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "vfplugd never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An HTTP/2 connection that says hello and then nothing.
+    let mut idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "vfplugd still running 10 s after SIGTERM with an idle client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("SIGTERM -> exit with an idle client: {:?}", t.elapsed());
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "socket removed");
+    drop(idle);
+}
