@@ -269,9 +269,10 @@ impl PoolBackend {
                         }
                     }
                     // The kubelet re-allocates devices it already holds (e.g. after its restart),
-                    // including one its pod's ADD has configured since.
+                    // including one its pod's ADD has configured since. One being set up or
+                    // restored right now is refused until that is done.
                     Some(VfState::KubeletAllocated { .. }) => {}
-                    Some(s) if s.lease().is_some_and(|l| l.from_kubelet) => {}
+                    Some(VfState::Configured { lease }) if lease.from_kubelet => {}
                     Some(other) => {
                         return Err(AllocError::Unavailable {
                             id: id.clone(),
