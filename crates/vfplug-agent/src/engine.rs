@@ -128,8 +128,16 @@ impl Agent {
                 .clone()
                 .unwrap_or_else(|| Arc::new(SysfsDriverBinder::new(opts.sysfs_root.clone()))),
             sysfs_root: opts.sysfs_root.clone(),
-            // VM pods are not wired to the node API yet (issue 9).
-            vm: None,
+            vm: Some(vfplug_executor::VmPorts {
+                qmp: Arc::new(crate::ports::PodQmp {
+                    kubelet_dir: opts.kubelet_dir.clone(),
+                    trusted: opts.qmp_trusted_uids.clone(),
+                }),
+                memlock: opts.memlock.clone().unwrap_or_else(|| {
+                    Arc::new(vfplug_host::vmpod::PrlimitMemlock::new("/proc".into()))
+                }),
+                port_prefix: opts.vm_port_prefix.clone(),
+            }),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -159,6 +167,19 @@ impl Agent {
         let executor: Arc<AgentExecutor> = executor;
         // Half-done ADDs of a previous run are undone before any new CNI call is served.
         executor.recover().await;
+        // VMs with VFs in (or on their way into or out of) their guest: reconnect and diff
+        // against QEMU in the background (a VM whose QEMU is gone is finished there too).
+        for vm in vms_in_ledger(&shared) {
+            let exec = Arc::clone(&executor);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = exec.vm_reconcile(&vm).await {
+                        warn!(%vm, error = %e, "VM not reachable at start; its next call reconciles");
+                    }
+                }
+                .instrument(info_span!("vm_start_reconcile")),
+            );
+        }
 
         let (ready_tx, ready_rx) = watch::channel(false);
         let node_api = match shared.opts.node_socket.clone() {
@@ -200,6 +221,24 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Join(e.to_string()))?
     }
+}
+
+/// The VMs the ledger has VFs in (attaching, attached or detaching).
+fn vms_in_ledger(shared: &Shared) -> Vec<vfplug_core::VmRef> {
+    let st = lock(&shared.state);
+    let mut vms: Vec<vfplug_core::VmRef> = st
+        .ledger
+        .iter()
+        .filter_map(|(_, s)| match s {
+            VfState::Attaching { vm, .. }
+            | VfState::Attached { vm, .. }
+            | VfState::Detaching { vm, .. } => Some(vm.clone()),
+            _ => None,
+        })
+        .collect();
+    vms.sort();
+    vms.dedup();
+    vms
 }
 
 fn store_failed(e: StoreError) -> AgentError {

@@ -206,7 +206,41 @@ impl NodeService {
         let ips = parse_ips(&req.ips)?;
         let routes = parse_routes(&req.routes, &req.ips)?;
         let device = device_of(&req.device_id)?;
+        let vm = if req.qmp_socket.is_empty() {
+            None
+        } else {
+            if att.pod_uid.is_empty() {
+                return Err(NodeError::new(
+                    CniCode::InvalidEnv,
+                    "qmpSocket needs the pod's UID (K8S_POD_UID in CNI_ARGS) to find its volumes",
+                ));
+            }
+            let pod = PodRef::new(&att.pod_namespace, &att.pod_name, &att.pod_uid);
+            // Resolved (and refused) here for a clear error; the connector resolves it again,
+            // without following symlinks, on every connect.
+            let sock = vfplug_host::vmpod::resolve_qmp_socket(
+                &self.shared.opts.kubelet_dir,
+                &att.pod_uid,
+                &req.qmp_socket,
+                &self.shared.opts.qmp_trusted_uids,
+            )
+            .map_err(|e| {
+                let code = if e.is_missing() {
+                    CniCode::TryAgainLater
+                } else {
+                    CniCode::InvalidConfig
+                };
+                NodeError::new(code, format!("qmpSocket: {e}"))
+            })?;
+            Some(vfplug_core::VmRef {
+                pod,
+                qmp_socket: sock.path().display().to_string(),
+                qmp_spec: req.qmp_socket.clone(),
+            })
+        };
         Ok(AddRequest {
+            vm,
+            unplug_wait: self.shared.opts.unplug_wait,
             owner: owner_of(att),
             network: req.network.clone(),
             netns: req.netns.clone(),
@@ -290,7 +324,10 @@ impl NodeService {
 
     async fn del(&self, req: v1::DelRequest) -> Result<v1::DelResponse, NodeError> {
         let att = check_attachment(req.attachment.as_ref())?;
-        let out = self.exec.del(&att.container_id, &att.ifname).await?;
+        let out = self
+            .exec
+            .del(&att.container_id, &att.ifname, self.shared.opts.unplug_wait)
+            .await?;
         if let Some(pci) = out.pci
             && !req.device_id.is_empty()
             && req.device_id != pci.to_string()
@@ -392,7 +429,10 @@ impl NodeService {
             .iter()
             .map(|a| (a.container_id.clone(), a.ifname.clone()))
             .collect();
-        let out = self.exec.gc(&req.network, &valid).await;
+        let out = self
+            .exec
+            .gc(&req.network, &valid, self.shared.opts.unplug_wait)
+            .await;
         Ok(v1::GcResponse {
             released: out.released.iter().map(ToString::to_string).collect(),
             errors: out.errors,

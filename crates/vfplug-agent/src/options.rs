@@ -76,6 +76,15 @@ pub struct AgentOptions {
     pub sync_mode: SyncMode,
     /// How often the per-state gauges are recomputed.
     pub metrics_interval: Duration,
+    /// How long a detach waits for the guest to acknowledge the unplug before the CNI call
+    /// returns with the unplug pending (libvirt: 5 s).
+    pub unplug_wait: Duration,
+    /// Id prefix of the hotplug-capable `pcie-root-port`s of VM pods.
+    pub vm_port_prefix: String,
+    /// Owners a VM pod's QMP socket may have.
+    pub qmp_trusted_uids: std::collections::BTreeSet<u32>,
+    /// QEMU's RLIMIT_MEMLOCK; `None`: `prlimit(2)` on the real process.
+    pub memlock: Option<Arc<dyn vfplug_host::vmpod::Memlock>>,
 }
 
 /// Defaults of the timing options, shared by vfplugd's flags and [`AgentOptions::rooted`].
@@ -88,6 +97,10 @@ pub mod defaults {
     pub const COMPACT_AFTER: usize = 1024;
     /// See [`super::AgentOptions::metrics_interval`].
     pub const METRICS_INTERVAL: Duration = Duration::from_secs(1);
+    /// See [`super::AgentOptions::unplug_wait`].
+    pub const UNPLUG_WAIT: Duration = Duration::from_secs(5);
+    /// See [`super::AgentOptions::vm_port_prefix`].
+    pub const VM_PORT_PREFIX: &str = "vfplug-rp";
 }
 
 impl AgentOptions {
@@ -139,6 +152,10 @@ impl AgentOptions {
             compact_after: defaults::COMPACT_AFTER,
             sync_mode: SyncMode::Group,
             metrics_interval: defaults::METRICS_INTERVAL,
+            unplug_wait: defaults::UNPLUG_WAIT,
+            vm_port_prefix: defaults::VM_PORT_PREFIX.into(),
+            qmp_trusted_uids: vfplug_host::vmpod::default_trusted_owners(),
+            memlock: None,
         }
     }
 }

@@ -292,3 +292,53 @@ impl LedgerPort for AgentLedger {
         }
     }
 }
+
+/// The executor's QMP connector for VM pods: the socket is resolved below the pod's volume dir
+/// under the kubelet dir, never following a symlink, owned by a trusted uid (vfplug-host's
+/// `vmpod`); QEMU's pid comes from the socket's peer credentials.
+#[derive(Debug)]
+pub struct PodQmp {
+    pub(crate) kubelet_dir: std::path::PathBuf,
+    pub(crate) trusted: std::collections::BTreeSet<u32>,
+}
+
+impl vfplug_executor::QmpConnector for PodQmp {
+    fn connect<'a>(
+        &'a self,
+        vm: &'a vfplug_core::VmRef,
+    ) -> vfplug_executor::vm::BoxFuture<'a, Result<vfplug_executor::VmLink, ExecError>> {
+        Box::pin(async move {
+            let not_there = |e: &dyn std::fmt::Display| {
+                ExecError::new(
+                    ErrorKind::TryAgain,
+                    format!("VM {vm}: QMP socket not usable (is QEMU running?): {e}"),
+                )
+            };
+            let sock = vfplug_host::vmpod::resolve_qmp_socket(
+                &self.kubelet_dir,
+                &vm.pod.uid,
+                &vm.qmp_spec,
+                &self.trusted,
+            )
+            .map_err(|e| not_there(&e))?;
+            let stream = sock.connect_async().map_err(|e| not_there(&e))?;
+            let pid = vfplug_host::vmpod::peer_cred(&stream)
+                .map(|c| c.pid)
+                .map_err(|e| warn!(%vm, error = %e, "no QEMU pid from the QMP socket; RLIMIT_MEMLOCK not raised"))
+                .ok();
+            let qmp = vfplug_qmp::Qmp::from_stream(stream)
+                .await
+                .map_err(|e| not_there(&e))?;
+            Ok(vfplug_executor::VmLink {
+                qmp: Arc::new(qmp),
+                pid,
+            })
+        })
+    }
+
+    fn exited(&self, _vm: &vfplug_core::VmRef, link: &vfplug_executor::VmLink) -> bool {
+        // No pid (another pid namespace): only a closed connection is known, which is not proof.
+        link.pid
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    }
+}

@@ -282,6 +282,7 @@ fn add_req(cid: &str, netns: &Path, device: &str, cfg: v1::VfConfig) -> v1::AddR
             gw: String::new(),
         }],
         ipam_result: String::new(),
+        qmp_socket: String::new(),
     }
 }
 
@@ -1283,4 +1284,137 @@ async fn half_done_adds_are_undone_at_start() {
         "the half-done ADD's VLAN was undone"
     );
     assert_eq!(n.state_of(&done).await.state, "configured");
+}
+
+// ---- issue 9: a VM pod's network, through the node API ----------------------------------------
+
+/// A VM pod (its QMP socket in an emptyDir volume under the kubelet dir, served by the scripted
+/// QMP server) gets its vfio VF hot-plugged by ADD with `qmpSocket`, and DEL unplugs it on
+/// `DEVICE_DELETED` and puts the VF back: nets and hostdevs are one lease throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_pods_add_hotplugs_the_vf_and_del_unplugs_it() {
+    use serde_json::json;
+    use vfplug_host::vmpod::{FakeMemlock, MemlockLimit};
+    use vfplug_qmp::testing::Script;
+
+    let me = std::process::id();
+    let memlock = Arc::new(FakeMemlock::new([(me, MemlockLimit::both(64 << 20))]));
+    let ml = memlock.clone();
+    let mut n = Node::start_with(DriverProfile::default(), move |o| {
+        o.memlock = Some(ml.clone());
+        o.qmp_trusted_uids.insert(rustix_euid());
+    })
+    .await;
+    let vf = n.vfs[4].clone();
+    // A short UID: the test binds the socket by path (108 bytes at most); vfplugd connects
+    // through /proc/self/fd, which has no such limit.
+    let uid = "vm-a-uid";
+    let qmp_dir = n
+        .root
+        .join("kubelet/pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~empty-dir/qmp");
+    std::fs::create_dir_all(&qmp_dir).unwrap();
+    let peripherals = |extra: &[&str]| {
+        let mut v = vec![
+            json!({"name": "vfplug-rp1", "type": "child<pcie-root-port>"}),
+            json!({"name": "vfplug-rp2", "type": "child<pcie-root-port>"}),
+        ];
+        v.extend(
+            extra
+                .iter()
+                .map(|e| json!({"name": e, "type": "child<vfio-pci>"})),
+        );
+        serde_json::Value::Array(v)
+    };
+    let server = Script::new()
+        .expect("query-memory-size-summary")
+        .ret(json!({"base-memory": 1u64 << 30}))
+        .expect("qom-list")
+        .ret(peripherals(&[]))
+        .expect("query-pci")
+        .ret(json!([{"bus": 0, "devices": []}]))
+        .expect_args(
+            "device_add",
+            json!({"driver": "vfio-pci", "id": "vfplug-net1", "bus": "vfplug-rp1", "host": vf}),
+        )
+        .ok()
+        .expect("qom-list")
+        .ret(peripherals(&["vfplug-net1"]))
+        .expect_args("device_del", json!({"id": "vfplug-net1"}))
+        .ok()
+        .event(
+            "DEVICE_DELETED",
+            json!({"device": "vfplug-net1", "path": "/machine/peripheral/vfplug-net1"}),
+        )
+        .listen(&qmp_dir.join("qmp.sock"))
+        .unwrap();
+
+    let ns = n.netns("vm-a");
+    let mut req = vfio_req("sb-vm-a", &ns, &vf, v1::VfConfig::default());
+    req.attachment.as_mut().unwrap().pod_uid = uid.into();
+    req.qmp_socket = "qmp/qmp.sock".into();
+    let r = match n.add(req.clone()).await {
+        Ok(r) => r,
+        Err(e) => panic!("{e:?}; QMP server: {:?}", server.await),
+    };
+    assert_eq!(
+        (r.pci_address.as_str(), r.mode.as_str()),
+        (vf.as_str(), "vfio")
+    );
+    assert_eq!(n.state_of(&vf).await.state, "attached");
+    // QEMU may lock the guest's RAM + 1 GiB before the device is added.
+    assert_eq!(memlock.calls(), vec![(me, 2 << 30)]);
+    // A repeated ADD is answered from the ledger, nothing sent to QEMU.
+    assert!(n.add(req).await.unwrap().existing);
+
+    let d = n
+        .client
+        .del(v1::DelRequest {
+            attachment: Some(v1::Attachment {
+                pod_uid: uid.into(),
+                ..att("sb-vm-a", "net1")
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.state_of(&vf).await.state, "free");
+    drop(server);
+}
+
+/// A `qmpSocket` that resolves out of the pod (a symlink) is refused, and nothing is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qmp_socket_outside_the_pod_is_refused() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let vf = n.vfs[4].clone();
+    let uid = "vm-b-uid";
+    let vols = n
+        .root
+        .join("kubelet/pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~empty-dir");
+    std::fs::create_dir_all(&vols).unwrap();
+    let elsewhere = n.root.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let _l = std::os::unix::net::UnixListener::bind(elsewhere.join("qmp.sock")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, vols.join("qmp")).unwrap();
+    let ns = n.netns("vm-b");
+    let mut req = vfio_req("sb-vm-b", &ns, &vf, v1::VfConfig::default());
+    req.attachment.as_mut().unwrap().pod_uid = uid.into();
+    req.qmp_socket = "qmp/qmp.sock".into();
+    let (code, msg) = n.add(req).await.unwrap_err();
+    assert_eq!(code, 7, "{msg}");
+    assert!(msg.contains("symlink"), "{msg}");
+    assert_eq!(n.state_of(&vf).await.state, "free");
+}
+
+fn rustix_euid() -> u32 {
+    // The test's own uid: its sockets are owned by it.
+    std::fs::metadata("/proc/self").map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid()
+    })
 }

@@ -90,6 +90,7 @@ fn node_api_round_trip(h: &Host, pod: &Pod, cid: &str) -> (Duration, Duration) {
                 ips: vec![],
                 routes: vec![],
                 ipam_result: String::new(),
+                qmp_socket: String::new(),
             })
             .await
             .expect("Add");

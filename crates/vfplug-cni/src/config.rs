@@ -46,6 +46,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "type",
     "deviceID",
     "pool",
+    "qmpSocket",
     "mac",
     "vlan",
     "vlanQoS",
@@ -157,6 +158,9 @@ pub struct NetConf {
     pub device_id: Option<PciAddress>,
     /// `pool`: pool or resource name to allocate from when there is no device ID.
     pub pool: Option<String>,
+    /// `qmpSocket`: a VM pod's QMP socket as `<volume>/<file>` (docs/vm-pods.md); the VF is
+    /// hot-plugged into that QEMU by vfplugd.
+    pub qmp_socket: Option<String>,
     /// The VF settings from the top-level keys. `mac` here is the config's own `mac`; the
     /// effective MAC (precedence with `runtimeConfig.mac` and `CNI_ARGS`) is chosen later.
     pub vf: VfConfig,
@@ -257,6 +261,16 @@ impl NetConf {
         };
 
         let top_device_id = r.soft_take("deviceID", |v| pci("deviceID", v))?;
+        let qmp_socket = r.soft_take("qmpSocket", |v| {
+            let s = as_str("qmpSocket", v)?;
+            if s.is_empty() || s.starts_with('/') || s.split('/').any(|p| p.is_empty() || p == "..")
+            {
+                return Err(CniError::config(format!(
+                    "qmpSocket: {s:?} is not <volume>/<file> below the pod's volumes"
+                )));
+            }
+            Ok(s)
+        })?;
         let pool = r.soft_take("pool", |v| {
             let s = as_str("pool", v)?;
             if s.is_empty() || s.chars().any(char::is_control) {
@@ -350,6 +364,7 @@ impl NetConf {
             plugin_type,
             device_id,
             pool,
+            qmp_socket,
             vf,
             runtime_config,
             ipam,

@@ -73,6 +73,7 @@ pub fn add_request(inv: &Invocation, ipam: Option<&CniResult>) -> Result<v1::Add
             })
             .unwrap_or_default(),
         ipam_result: String::new(),
+        qmp_socket: conf.qmp_socket.clone().unwrap_or_default(),
     })
 }
 

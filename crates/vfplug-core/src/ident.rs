@@ -137,6 +137,10 @@ pub struct VmRef {
     pub pod: PodRef,
     /// The QMP socket's path on the host, as resolved when the attach began.
     pub qmp_socket: String,
+    /// The socket as the pod named it (`<volume>/<file>` below its volume dir), to resolve it
+    /// again (never following symlinks) on every reconnect.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub qmp_spec: String,
 }
 
 impl<'de> Deserialize<'de> for VmRef {
@@ -150,14 +154,25 @@ impl<'de> Deserialize<'de> for VmRef {
                 pod: PodRef,
                 #[serde(default)]
                 qmp_socket: String,
+                #[serde(default)]
+                qmp_spec: String,
             },
         }
         Ok(match Wire::deserialize(d)? {
             Wire::Legacy(s) => Self {
                 pod: PodRef::default(),
                 qmp_socket: s,
+                qmp_spec: String::new(),
             },
-            Wire::Typed { pod, qmp_socket } => Self { pod, qmp_socket },
+            Wire::Typed {
+                pod,
+                qmp_socket,
+                qmp_spec,
+            } => Self {
+                pod,
+                qmp_socket,
+                qmp_spec,
+            },
         })
     }
 }

@@ -331,6 +331,10 @@ pub struct CniAttachment {
     /// would. Older logs lack the field; their attachments were complete.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub complete: bool,
+    /// The VM the VF is for (a VM pod's network): after the ADD configured it, it is hot-plugged
+    /// into that VM's QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::ident::VmRef>,
 }
 
 impl Default for CniAttachment {
@@ -345,6 +349,7 @@ impl Default for CniAttachment {
             ips: Vec::new(),
             ipam_result: String::new(),
             complete: true,
+            vm: None,
         }
     }
 }

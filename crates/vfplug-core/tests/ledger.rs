@@ -25,6 +25,7 @@ fn vm(name: &str) -> VmRef {
     VmRef {
         pod: PodRef::new("ns", name, ""),
         qmp_socket: format!("/run/{name}.qmp"),
+        qmp_spec: "qmp/qmp.sock".into(),
     }
 }
 

@@ -15,11 +15,14 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{info, warn};
 use vfplug_core::ledger::{Owner, Step, VfState};
 use vfplug_core::{
     AttachMode, CniAttachment, DeviceMode, NetdevPlacement, PciAddress, SavedVfState, VfConfig,
+    VmRef,
 };
 use vfplug_host::driver::VFIO_PCI;
 use vfplug_host::net::{IpNet, PlaceRequest, RouteSpec};
@@ -51,6 +54,10 @@ pub struct AddRequest {
     pub routes: Vec<RouteSpec>,
     /// The delegated IPAM result, kept to answer a repeated ADD.
     pub ipam_result: String,
+    /// A VM pod's network: after configuring the VF (vfio mode), hot-plug it into this VM.
+    pub vm: Option<VmRef>,
+    /// How long a detach waits for the guest when this ADD must first undo an earlier one.
+    pub unplug_wait: Duration,
 }
 
 /// What ADD did.
@@ -104,19 +111,22 @@ fn mode_of(facts: &VfFacts) -> AttachMode {
 
 /// Whether `state` is a completed ADD of the same request: a repeat is answered from the ledger.
 fn is_repeat(state: &VfState, pci: PciAddress, req: &AddRequest) -> bool {
-    let VfState::Configured { lease } = state else {
-        return false;
+    // A completed ADD: configured (container pod) or in its VM's guest (VM pod); an ADD whose
+    // VM attach is under way or was taken out is not answered from the ledger.
+    let lease = match (state, &req.vm) {
+        (VfState::Configured { lease }, None) => lease,
+        (VfState::Attached { lease, .. }, Some(_)) => lease,
+        _ => return false,
     };
     req.device.is_none_or(|d| d == pci)
-        && lease
-            .cni
-            .as_deref()
-            .is_some_and(|c| c.complete && c.config == req.config && c.netns == req.netns)
+        && lease.cni.as_deref().is_some_and(|c| {
+            c.complete && c.config == req.config && c.netns == req.netns && c.vm == req.vm
+        })
 }
 
 impl<L: LedgerPort> Executor<L> {
     /// CNI ADD. See the module docs.
-    pub async fn add(&self, req: AddRequest) -> Result<AddOutcome, ExecError> {
+    pub async fn add(self: &Arc<Self>, req: AddRequest) -> Result<AddOutcome, ExecError> {
         let owner = req.owner.clone();
         // Idempotency: the same attachment again.
         let earlier = self.ledger.read(|l| {
@@ -136,8 +146,18 @@ impl<L: LedgerPort> Executor<L> {
             warn!(%pci, attachment = %owner, state = %state.kind(),
                 "ADD for an attachment that already holds a VF: releasing it first");
             if let Some(token) = state.effective_lease().map(|l| l.token) {
-                self.finalize_removal(pci, token, "superseded by a new ADD")
+                let f = self
+                    .release(pci, token, "superseded by a new ADD", req.unplug_wait)
                     .await?;
+                if !f.released && !f.quarantined {
+                    return Err(ExecError::new(
+                        ErrorKind::TryAgain,
+                        format!(
+                            "VF {pci} of the earlier ADD is still being removed: {}",
+                            f.note
+                        ),
+                    ));
+                }
             }
         }
 
@@ -155,7 +175,13 @@ impl<L: LedgerPort> Executor<L> {
         let _held = vf_lock.lock().await;
         info!(%pci, attachment = %owner, token, pool = %reserved.facts.resource, "VF reserved");
 
-        match self.configure(&reserved.facts, token, &req).await {
+        let configured = self.configure(&reserved.facts, token, &req).await;
+        // A VM pod's network: into the guest, under the same VF lock.
+        let attached = match (configured, &req.vm) {
+            (Ok(()), Some(vm)) => self.vm_attach_locked(pci, token, vm).await.map(drop),
+            (r, _) => r,
+        };
+        match attached {
             Ok(()) => Ok(AddOutcome {
                 pci,
                 existing: false,
@@ -195,6 +221,15 @@ impl<L: LedgerPort> Executor<L> {
             return Err(ExecError::new(
                 ErrorKind::InvalidRequest,
                 "CNI_NETNS is empty (netdev mode needs it)",
+            ));
+        }
+        if req.vm.is_some() && mode != AttachMode::Vfio {
+            return Err(ExecError::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "qmpSocket: a VM gets its VF through vfio-pci, but pool {} is in netdev mode",
+                    f.resource
+                ),
             ));
         }
         if mode == AttachMode::Vfio && (!req.ips.is_empty() || !req.routes.is_empty()) {
@@ -279,6 +314,7 @@ impl<L: LedgerPort> Executor<L> {
             ips: req.ips.iter().map(ToString::to_string).collect(),
             ipam_result: req.ipam_result.clone(),
             complete: false,
+            vm: req.vm.clone(),
         };
         // Write-ahead: everything needed to undo is durable before anything changes.
         {
@@ -363,7 +399,12 @@ impl<L: LedgerPort> Executor<L> {
 
     /// CNI DEL for the attachment (container ID, ifname); the pod is not needed (a DEL may not
     /// be told it).
-    pub async fn del(&self, container_id: &str, ifname: &str) -> Result<DelOutcome, ExecError> {
+    pub async fn del(
+        self: &Arc<Self>,
+        container_id: &str,
+        ifname: &str,
+        wait: Duration,
+    ) -> Result<DelOutcome, ExecError> {
         let found = self.ledger.read(|l| {
             if let Some((pci, s)) = l.find_by_attachment(container_id, ifname) {
                 return Ok(Some((pci, s.effective_lease().map(|l| l.token))));
@@ -409,11 +450,51 @@ impl<L: LedgerPort> Executor<L> {
                 });
             }
         };
-        let finalized = self.finalize_removal(pci, token, "CNI DEL").await?;
+        let finalized = self.release(pci, token, "CNI DEL", wait).await?;
         Ok(DelOutcome {
             pci: Some(pci),
             finalized,
         })
+    }
+
+    /// Ends lease `token` on `pci` whatever step it is in: a VF in (or on its way into or out
+    /// of) a guest is unplugged first ([`Executor::vm_detach`], waiting up to `wait`); anything
+    /// else goes straight to [`Executor::finalize_removal`]. An unplug the guest has not
+    /// acknowledged yet is reported as not released, with a note: the VM's watcher finishes it.
+    pub async fn release(
+        self: &Arc<Self>,
+        pci: PciAddress,
+        token: u64,
+        why: &str,
+        wait: Duration,
+    ) -> Result<crate::Finalized, ExecError> {
+        let in_vm = self.ledger.read(|l| {
+            matches!(
+                l.get(&pci),
+                Some(
+                    VfState::Attaching { .. }
+                        | VfState::Attached { .. }
+                        | VfState::Detaching { .. }
+                )
+            )
+        });
+        if !in_vm {
+            return self.finalize_removal(pci, token, why).await;
+        }
+        match self.vm_detach(pci, token, wait).await? {
+            crate::VmDetach::Finalized(f) => Ok(f),
+            crate::VmDetach::Pending => Ok(crate::Finalized {
+                note: format!(
+                    "unplug of VF {pci} pending: the guest has not acknowledged it yet; vfplugd \
+                     finishes the removal when it does (or when QEMU exits)"
+                ),
+                ..Default::default()
+            }),
+            crate::VmDetach::GuestRefused => Err(ExecError::new(
+                ErrorKind::TryAgain,
+                format!("the guest refused to release VF {pci}; it stays attached"),
+            )),
+        }
     }
 
     /// CNI CHECK: `Ok(pci)` when the attachment is as ADD left it.
@@ -431,9 +512,9 @@ impl<L: LedgerPort> Executor<L> {
                     req.container_id, req.ifname
                 ))
             })?;
-        let VfState::Configured { lease } = &state else {
+        let (VfState::Configured { lease } | VfState::Attached { lease, .. }) = &state else {
             return Err(failed(format!(
-                "VF {pci} is {}, not configured",
+                "VF {pci} is {}, not configured (or attached to its VM)",
                 state.kind()
             )));
         };
@@ -498,7 +579,12 @@ impl<L: LedgerPort> Executor<L> {
 
     /// CNI GC for `network`: every attachment of that network not in `valid` (container ID,
     /// ifname) is finalized.
-    pub async fn gc(&self, network: &str, valid: &BTreeSet<(String, String)>) -> GcOutcome {
+    pub async fn gc(
+        self: &Arc<Self>,
+        network: &str,
+        valid: &BTreeSet<(String, String)>,
+        wait: Duration,
+    ) -> GcOutcome {
         let stale: Vec<(PciAddress, Owner, u64)> = self.ledger.read(|l| {
             l.iter()
                 .filter_map(|(pci, s)| {
@@ -518,7 +604,7 @@ impl<L: LedgerPort> Executor<L> {
         });
         let mut out = GcOutcome::default();
         for (pci, owner, token) in stale {
-            match self.finalize_removal(pci, token, "CNI GC").await {
+            match self.release(pci, token, "CNI GC", wait).await {
                 Ok(f) if f.released => out.released.push(pci),
                 Ok(f) => out.errors.push(format!("{owner} on {pci}: {}", f.note)),
                 Err(e) => out.errors.push(format!("{owner} on {pci}: {e}")),

@@ -190,6 +190,16 @@ impl<L: LedgerPort> Executor<L> {
     ) -> Result<VmAttached, ExecError> {
         let vf_lock = self.vf_lock(pci);
         let _held = vf_lock.lock().await;
+        self.vm_attach_locked(pci, token, vm).await
+    }
+
+    /// As [`Self::vm_attach`], with the VF lock held by the caller (a CNI ADD).
+    pub(crate) async fn vm_attach_locked(
+        self: &Arc<Self>,
+        pci: PciAddress,
+        token: Token,
+        vm: &VmRef,
+    ) -> Result<VmAttached, ExecError> {
         let lease = match self.ledger.read(|l| l.get(&pci).cloned()) {
             Some(VfState::Configured { lease }) if lease.token == token => lease,
             Some(s) => {

@@ -51,6 +51,7 @@ fn vm() -> VmRef {
         pod: PodRef::new("ns", "vm-a", "uid-a"),
         qmp_socket: "/var/lib/kubelet/pods/uid-a/volumes/kubernetes.io~empty-dir/qmp/qmp.sock"
             .into(),
+        qmp_spec: "qmp/qmp.sock".into(),
     }
 }
 

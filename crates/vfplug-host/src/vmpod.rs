@@ -156,6 +156,18 @@ pub enum VmPodError {
     PeerCred(#[source] io::Error),
 }
 
+impl VmPodError {
+    /// The pod's volume or socket is not there (yet): QEMU may simply not have started. Any
+    /// other error is a refusal (symlink, wrong owner, bad spec) that waiting does not fix.
+    pub fn is_missing(&self) -> bool {
+        match self {
+            Self::VolumeNotFound { .. } => true,
+            Self::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
 fn io_err(op: &'static str, path: &Path, e: impl Into<io::Error>) -> VmPodError {
     VmPodError::Io {
         op,

@@ -84,6 +84,22 @@ struct Args {
     /// Compact the ledger's log into a snapshot after this many records.
     #[arg(long, env = "VFPLUG_LEDGER_COMPACT_AFTER", default_value_t = 1024)]
     ledger_compact_after: usize,
+    /// Seconds a detach from a VM waits for the guest to acknowledge the unplug before the CNI
+    /// call returns with the unplug pending (vfplugd finishes it when the guest does).
+    #[arg(long, env = "VFPLUG_UNPLUG_WAIT_SECONDS", default_value_t = 5)]
+    unplug_wait_seconds: u64,
+    /// Id prefix of the hotplug-capable pcie-root-ports in VM pods' QEMU.
+    #[arg(long, env = "VFPLUG_VM_PORT_PREFIX", default_value = "vfplug-rp")]
+    vm_port_prefix: String,
+    /// Uids a VM pod's QMP socket may be owned by (comma-separated; 107 is the qemu user of
+    /// KubeVirt's launcher image).
+    #[arg(
+        long,
+        env = "VFPLUG_QMP_TRUSTED_UIDS",
+        value_delimiter = ',',
+        default_value = "0,107"
+    )]
+    qmp_trusted_uids: Vec<u32>,
     /// The node API socket (gRPC, root-only) that the `vfplug` CNI plugin talks to.
     #[arg(
         long,
@@ -197,6 +213,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         compact_after: args.ledger_compact_after.max(1),
         sync_mode: SyncMode::Group,
         metrics_interval: vfplug_agent::options::defaults::METRICS_INTERVAL,
+        unplug_wait: Duration::from_secs(args.unplug_wait_seconds),
+        vm_port_prefix: args.vm_port_prefix,
+        qmp_trusted_uids: args.qmp_trusted_uids.into_iter().collect(),
+        memlock: None,
     };
 
     let cancel = CancellationToken::new();
