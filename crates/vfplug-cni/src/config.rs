@@ -261,16 +261,7 @@ impl NetConf {
         };
 
         let top_device_id = r.soft_take("deviceID", |v| pci("deviceID", v))?;
-        let qmp_socket = r.soft_take("qmpSocket", |v| {
-            let s = as_str("qmpSocket", v)?;
-            if s.is_empty() || s.starts_with('/') || s.split('/').any(|p| p.is_empty() || p == "..")
-            {
-                return Err(CniError::config(format!(
-                    "qmpSocket: {s:?} is not <volume>/<file> below the pod's volumes"
-                )));
-            }
-            Ok(s)
-        })?;
+        let qmp_socket = r.soft_take("qmpSocket", |v| qmp_socket_spec("qmpSocket", v))?;
         let pool = r.soft_take("pool", |v| {
             let s = as_str("pool", v)?;
             if s.is_empty() || s.chars().any(char::is_control) {
@@ -325,13 +316,21 @@ impl NetConf {
         let runtime_config = r
             .soft_take("runtimeConfig", parse_runtime_config)?
             .unwrap_or_default();
-        r.soft_take("args", |v| match v {
-            Value::Object(_) => Ok(()),
-            other => Err(CniError::config(format!(
-                "args: expected an object, got {}",
-                describe(&other)
-            ))),
-        })?;
+        // `args.cni` is per attachment (Multus fills it from the network selection's `cni-args`):
+        // its `qmpSocket` wins over the network's.
+        let args_qmp = r
+            .soft_take("args", |v| match v {
+                Value::Object(m) => match m.get("cni").and_then(|c| c.get("qmpSocket")) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(q) => qmp_socket_spec("args.cni.qmpSocket", q.clone()).map(Some),
+                },
+                other => Err(CniError::config(format!(
+                    "args: expected an object, got {}",
+                    describe(&other)
+                ))),
+            })?
+            .flatten();
+        let qmp_socket = args_qmp.or(qmp_socket);
         let log_level = r.soft_take("logLevel", |v| {
             let s = as_str("logLevel", v)?;
             LogLevel::parse(&s).ok_or_else(|| {
@@ -442,6 +441,18 @@ impl Reader {
             Err(e) => Err(e),
         }
     }
+}
+
+/// A VM pod's QMP socket as `<volume>/<file>` (docs/vm-pods.md); vfplugd resolves it inside the
+/// pod's own volumes, this only refuses what can never name a file there.
+fn qmp_socket_spec(key: &str, v: Value) -> Result<String, CniError> {
+    let s = as_str(key, v)?;
+    if s.is_empty() || s.starts_with('/') || s.split('/').any(|p| p.is_empty() || p == "..") {
+        return Err(CniError::config(format!(
+            "{key}: {s:?} is not <volume>/<file> below the pod's volumes"
+        )));
+    }
+    Ok(s)
 }
 
 fn parse_ipam(v: Value) -> Result<Option<IpamConf>, CniError> {

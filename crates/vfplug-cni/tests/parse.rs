@@ -1065,3 +1065,39 @@ fn keys_match_case_insensitively_like_go_and_the_exact_spelling_wins() {
 fn conf_with_vlan(v: u16) -> serde_json::Value {
     with(conf(), "vlan", json!(v))
 }
+
+/// A VM pod's QMP socket: the network's `qmpSocket`, or the attachment's `args.cni.qmpSocket`
+/// (which wins); anything that cannot name `<volume>/<file>` below the pod is refused (7).
+#[test]
+fn qmp_socket_from_the_network_or_the_attachment() {
+    let inv = parse(
+        &env("ADD"),
+        &with(conf(), "qmpSocket", json!("qmp/qmp.sock")),
+    )
+    .unwrap();
+    assert_eq!(
+        inv.conf.unwrap().qmp_socket.as_deref(),
+        Some("qmp/qmp.sock")
+    );
+    let c = with(
+        with(conf(), "qmpSocket", json!("qmp/qmp.sock")),
+        "args",
+        json!({"cni": {"qmpSocket": "vm-sockets/monitor.sock"}}),
+    );
+    let inv = parse(&env("ADD"), &c).unwrap();
+    assert_eq!(
+        inv.conf.unwrap().qmp_socket.as_deref(),
+        Some("vm-sockets/monitor.sock")
+    );
+    for bad in ["/run/qmp.sock", "../x/qmp.sock", "qmp//qmp.sock", ""] {
+        let (code, msg) = err(&env("ADD"), &with(conf(), "qmpSocket", json!(bad)));
+        assert_eq!(code, 7, "{bad}: {msg}");
+        assert!(msg.contains("qmpSocket"), "{msg}");
+    }
+    let (code, msg) = err(
+        &env("ADD"),
+        &with(conf(), "args", json!({"cni": {"qmpSocket": "../../etc"}})),
+    );
+    assert_eq!(code, 7, "{msg}");
+    assert!(msg.contains("args.cni.qmpSocket"), "{msg}");
+}
