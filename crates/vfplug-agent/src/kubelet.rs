@@ -308,7 +308,7 @@ impl PoolBackend {
         // The kubelet's own checkpoint and PodResources are the durable source of its
         // allocations: the records go with the journal's next batch and Allocate does not wait.
         let _ticket = shared
-            .commit_all(&mut st, records)
+            .commit_all_unawaited(&mut st, records)
             .map_err(|e| AllocError::Internal(format!("ledger: {e}")))?;
         let now = Instant::now();
         for pci in planned {

@@ -111,21 +111,48 @@ impl Shared {
         st: &mut State,
         records: Vec<Record>,
     ) -> Result<Ticket, LedgerError> {
+        self.commit_batch(st, records, true)
+    }
+
+    /// As [`Self::commit_all`] for records nobody waits for (Allocate: the kubelet's checkpoint
+    /// is the durable source of its allocations): no fdatasync of their own.
+    pub(crate) fn commit_all_unawaited(
+        &self,
+        st: &mut State,
+        records: Vec<Record>,
+    ) -> Result<Ticket, LedgerError> {
+        self.commit_batch(st, records, false)
+    }
+
+    fn commit_batch(
+        &self,
+        st: &mut State,
+        records: Vec<Record>,
+        sync: bool,
+    ) -> Result<Ticket, LedgerError> {
+        let enqueue = |applied: Vec<Record>| {
+            if sync {
+                self.journal.enqueue(applied)
+            } else {
+                self.journal.enqueue_lazy(applied)
+            }
+        };
         let mut applied = Vec::with_capacity(records.len());
         for r in records {
             if let Err(e) = st.ledger.apply(&r) {
                 self.mark_health(&applied);
-                let _ticket = self.journal.enqueue(applied);
+                let _ticket = enqueue(applied);
                 return Err(e);
             }
             applied.push(r);
         }
         self.mark_health(&applied);
-        Ok(self.journal.enqueue(applied))
+        Ok(enqueue(applied))
     }
 
     /// Applies and queues each record of independent ones (inventory, PodResources); a refused
-    /// record is skipped and returned, the others go ahead.
+    /// record is skipped and returned, the others go ahead. Nobody acts on these: they are
+    /// queued lazily (synced with the next record someone waits for).
     pub(crate) fn commit_all_lenient(
         &self,
         st: &mut State,
@@ -140,7 +167,7 @@ impl Shared {
             }
         }
         self.mark_health(&ok);
-        let _ticket = self.journal.enqueue(ok);
+        let _ticket = self.journal.enqueue_lazy(ok);
         refused
     }
 }

@@ -64,6 +64,8 @@ struct Queue {
     records: Vec<Record>,
     /// Records ever enqueued.
     enqueued: u64,
+    /// Someone may wait for what is queued (or written but not yet synced): sync it.
+    needs_sync: bool,
     closed: bool,
 }
 
@@ -101,18 +103,34 @@ impl Journal {
         })
     }
 
-    /// Queues records that were just applied to the live ledger, in apply order. Call it under
-    /// the same lock as the apply. Never blocks on I/O.
+    /// Queues records that were just applied to the live ledger, in apply order, to be made
+    /// durable (the caller may await the ticket before acting). Call it under the same lock as
+    /// the apply. Never blocks on I/O.
     pub fn enqueue(&self, records: impl IntoIterator<Item = Record>) -> Ticket {
+        self.push(records, true)
+    }
+
+    /// As [`Self::enqueue`] for records nobody acts on (what the kubelet did, inventory): they
+    /// are written with the next batch but synced only with the next record that needs it, so
+    /// Allocate adds no fdatasync to the disk's work. A crash may lose them; their source (the
+    /// kubelet's checkpoint and PodResources, sysfs) gives them again.
+    pub fn enqueue_lazy(&self, records: impl IntoIterator<Item = Record>) -> Ticket {
+        self.push(records, false)
+    }
+
+    fn push(&self, records: impl IntoIterator<Item = Record>, sync: bool) -> Ticket {
         let mut q = lock(&self.queue);
         let before = q.records.len();
         q.records.extend(records);
         let added = (q.records.len() - before) as u64;
         q.enqueued += added;
+        q.needs_sync |= sync;
         let t = Ticket(q.enqueued);
         drop(q);
-        if added > 0 {
+        if added > 0 || sync {
             self.wake.notify_one();
+        }
+        if added > 0 {
             self.changed.send_modify(|n| *n = n.wrapping_add(1));
         }
         t
@@ -174,23 +192,37 @@ fn writer(
 ) {
     let span = tracing::info_span!("ledger_writer");
     let _e = span.enter();
+    // Records written but not yet synced (lazy ones), and how far the log is written.
+    let mut unsynced = false;
     loop {
-        let (batch, upto, closed) = {
+        let (batch, upto, closed, sync) = {
             let mut q = lock(&journal.queue);
-            while q.records.is_empty() && !q.closed {
+            while q.records.is_empty() && !q.closed && !(q.needs_sync && unsynced) {
+                if q.needs_sync && !unsynced {
+                    // Everything written is synced already: nothing to wait for.
+                    q.needs_sync = false;
+                    let upto = q.enqueued;
+                    journal.durable.send_modify(|d| d.upto = d.upto.max(upto));
+                }
                 q = journal
                     .wake
                     .wait(q)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
-            (std::mem::take(&mut q.records), q.enqueued, q.closed)
+            let sync = std::mem::take(&mut q.needs_sync) || q.closed;
+            (std::mem::take(&mut q.records), q.enqueued, q.closed, sync)
         };
-        if !batch.is_empty() {
-            match write_batch(&mut wal, &mut shadow, &batch, mode) {
-                Ok(syncs) => journal.durable.send_modify(|d| {
-                    d.upto = upto;
-                    d.syncs += syncs;
-                }),
+        if !batch.is_empty() || (sync && unsynced) {
+            match write_batch(&mut wal, &mut shadow, &batch, mode, sync) {
+                Ok(syncs) => {
+                    unsynced = !sync;
+                    journal.durable.send_modify(|d| {
+                        if sync {
+                            d.upto = upto;
+                        }
+                        d.syncs += syncs;
+                    });
+                }
                 Err(msg) => {
                     error!(error = %msg, "ledger journal failed; nothing more becomes durable");
                     let msg: Arc<str> = msg.into();
@@ -221,6 +253,7 @@ fn write_batch(
     shadow: &mut Ledger,
     batch: &[Record],
     mode: SyncMode,
+    sync: bool,
 ) -> Result<u64, String> {
     let mut syncs = 0;
     for r in batch {
@@ -229,13 +262,13 @@ fn write_batch(
         shadow
             .apply(r)
             .map_err(|e| format!("record refused by the replayed ledger: {e}"))?;
-        let each = mode == SyncMode::EachRecord;
+        let each = sync && mode == SyncMode::EachRecord;
         wal.append(r, each).map_err(|e| e.to_string())?;
         if each {
             syncs += 1;
         }
     }
-    if mode == SyncMode::Group {
+    if sync && (mode == SyncMode::Group || batch.is_empty()) {
         wal.sync().map_err(|e| e.to_string())?;
         syncs += 1;
     }
@@ -320,6 +353,40 @@ mod tests {
         assert!(syncs <= 65, "{syncs}");
         let (_wal, replayed) = open(dir.path());
         assert_eq!(replayed, *live.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn lazy_records_cost_no_sync_until_someone_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, ledger) = open(dir.path());
+        let journal = Journal::new();
+        let writer = spawn_writer(
+            Arc::clone(&journal),
+            wal,
+            ledger.clone(),
+            1000,
+            SyncMode::Group,
+        )
+        .unwrap();
+        let mut live = ledger;
+        let recs = live.plan_inventory(&(0..4).map(pci).collect());
+        for r in &recs {
+            live.apply(r).unwrap();
+        }
+        let lazy = journal.enqueue_lazy(recs);
+        // Written soon, but not synced: the durable mark stays behind and no sync is counted.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let d = journal.progress().borrow().clone();
+        assert_eq!((d.upto, d.syncs), (0, 0), "{d:?}");
+        // Someone who needs durability (an empty batch will do) gets one sync for all of it.
+        let t = journal.enqueue([]);
+        assert!(t >= lazy);
+        journal.durable(t).await.unwrap();
+        journal.durable(lazy).await.unwrap();
+        assert_eq!(journal.progress().borrow().syncs, 1);
+        journal.close();
+        writer.join().unwrap();
+        assert_eq!(open(dir.path()).1, live);
     }
 
     #[tokio::test]
