@@ -106,38 +106,35 @@ pub(crate) fn push_devices_of(
             .members
             .get(resource)
             .is_some_and(|m| m.iter().any(|p| vfs.contains(p)));
-        if !touched {
-            continue;
+        if touched {
+            send_devices(&st, resource, rt);
         }
-        let devices = pool_devices(&st, resource, &rt.pool);
-        rt.devices.send_if_modified(|cur| {
-            if *cur == devices {
-                false
-            } else {
-                *cur = devices;
-                true
-            }
-        });
     }
 }
 
+/// Recomputes every pool's device list and sends it where it changed; then the CDI spec files.
 pub(crate) fn push_devices(shared: &Shared, pools: &BTreeMap<String, PoolRuntime>) {
     let st = lock(&shared.state);
     for (resource, rt) in pools {
-        let devices = pool_devices(&st, resource, &rt.pool);
-        rt.devices.send_if_modified(|cur| {
-            if *cur == devices {
-                false
-            } else {
-                *cur = devices;
-                true
-            }
-        });
+        send_devices(&st, resource, rt);
     }
     // The CDI files' sysfs reads and writes happen outside the lock Allocate takes.
     let cdi = crate::devices::cdi_snapshot(&shared.opts, &st);
     drop(st);
     crate::devices::sync_cdi_specs(&shared.opts, cdi);
+}
+
+/// Sends `resource`'s device list to its ListAndWatch streams if it changed.
+fn send_devices(st: &State, resource: &str, rt: &PoolRuntime) {
+    let devices = pool_devices(st, resource, &rt.pool);
+    rt.devices.send_if_modified(|cur| {
+        if *cur == devices {
+            false
+        } else {
+            *cur = devices;
+            true
+        }
+    });
 }
 
 /// Whether a VF may be handed out by the kubelet right now.

@@ -215,6 +215,57 @@ fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
     );
 }
 
+/// A fake node with one PF whose `n` VFs sit on vfio-pci in a vfio pool `vm`; returns the
+/// address of the first VF.
+fn vfio_node(root: &std::path::Path, n: u32) -> String {
+    let mut b = SysfsBuilder::new(&root.join("sys"));
+    b.pf("0000:af:00.0")
+        .driver("ice")
+        .netdev("ens1f0")
+        .vfs(n, |_| VfSpec::new().driver("vfio-pci"))
+        .build()
+        .unwrap();
+    std::fs::write(
+        root.join("config.yaml"),
+        "pools:\n  - name: vm\n    deviceMode: vfio\n    selectors: { pfNames: [ens1f0] }\n",
+    )
+    .unwrap();
+    b.vf_address("0000:af:00.0", 0).unwrap().to_string()
+}
+
+/// Starts vfplugd on [`vfio_node`]'s tree with its ledger in `state` and waits until its node
+/// API socket exists; stderr is piped.
+async fn spawn_vfplugd(
+    root: &std::path::Path,
+    state: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Child {
+    let sock = root.join("vfplugd.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
+        .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
+        .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--socket", sock.to_str().unwrap()])
+        .args(["--vf-netlink", "simulated"])
+        .args(["--config", root.join("config.yaml").to_str().unwrap()])
+        .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "vfplugd never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
 /// Supervision: when the ledger can no longer be written (its file system is full), vfplugd
 /// stops with a non-zero exit naming the journal, instead of serving on with a ledger that
 /// lies. The state dir is a tiny tmpfs (root only); node-API ADD/DEL in a loop fill it.
@@ -226,19 +277,7 @@ async fn vfplugd_exits_nonzero_when_its_ledger_cannot_be_written() {
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut b = SysfsBuilder::new(&root.join("sys"));
-    b.pf("0000:af:00.0")
-        .driver("ice")
-        .netdev("ens1f0")
-        .vfs(4, |_| VfSpec::new().driver("vfio-pci"))
-        .build()
-        .unwrap();
-    let vf = b.vf_address("0000:af:00.0", 0).unwrap().to_string();
-    std::fs::write(
-        root.join("config.yaml"),
-        "pools:\n  - name: vm\n    deviceMode: vfio\n    selectors: { pfNames: [ens1f0] }\n",
-    )
-    .unwrap();
+    let vf = vfio_node(root, 4);
     let state = root.join("state");
     std::fs::create_dir(&state).unwrap();
     let mounted = Command::new("mount")
@@ -261,29 +300,8 @@ async fn vfplugd_exits_nonzero_when_its_ledger_cannot_be_written() {
     }
     let _unmount = Unmount(state.clone());
     let sock = root.join("vfplugd.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
-        .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
-        .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
-        .args(["--state-dir", state.to_str().unwrap()])
-        .args(["--socket", sock.to_str().unwrap()])
-        .args(["--vf-netlink", "simulated"])
-        .args(["--config", root.join("config.yaml").to_str().unwrap()])
-        .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])
-        .args(["--http-addr", "127.0.0.1:0"])
-        // Never compact: the log only grows.
-        .args(["--ledger-compact-after", "1000000"])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "vfplugd never served"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Never compact: the log only grows.
+    let mut child = spawn_vfplugd(root, &state, &["--ledger-compact-after", "1000000"]).await;
     let ch = vfplug_api::connect(&sock, Duration::from_secs(10))
         .await
         .unwrap();
@@ -433,39 +451,9 @@ async fn an_idle_node_api_client_does_not_hold_the_shutdown() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut b = SysfsBuilder::new(&root.join("sys"));
-    b.pf("0000:af:00.0")
-        .driver("ice")
-        .netdev("ens1f0")
-        .vfs(2, |_| VfSpec::new().driver("vfio-pci"))
-        .build()
-        .unwrap();
-    std::fs::write(
-        root.join("config.yaml"),
-        "pools:\n  - name: vm\n    deviceMode: vfio\n    selectors: { pfNames: [ens1f0] }\n",
-    )
-    .unwrap();
+    vfio_node(root, 2);
     let sock = root.join("vfplugd.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
-        .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
-        .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
-        .args(["--state-dir", root.join("state").to_str().unwrap()])
-        .args(["--socket", sock.to_str().unwrap()])
-        .args(["--vf-netlink", "simulated"])
-        .args(["--config", root.join("config.yaml").to_str().unwrap()])
-        .args(["--http-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "vfplugd never served"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut child = spawn_vfplugd(root, &root.join("state"), &[]).await;
     // An HTTP/2 connection that says hello and then nothing.
     let mut idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
