@@ -122,6 +122,17 @@ fn qmp_err(what: &str, e: &QmpError) -> ExecError {
     ExecError::new(kind, format!("{what}: {e}"))
 }
 
+/// The connection failed while QEMU may have added the device: the attach's outcome is unknown.
+fn unknown_outcome(alias: &str, e: &QmpError) -> ExecError {
+    ExecError::new(
+        ErrorKind::TryAgain,
+        format!(
+            "QMP lost while adding {alias}; whether the guest has it is unknown until vfplugd \
+             reconnects: {e}"
+        ),
+    )
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -271,12 +282,7 @@ impl<L: LedgerPort> Executor<L> {
             let dev = DeviceAdd::vfio_pci(pci, &alias, &port, None);
             match link.qmp.device_add(&dev).await {
                 Ok(()) => {
-                    let present = link
-                        .qmp
-                        .peripheral_ids()
-                        .await
-                        .map_err(|e| qmp_err("qom-list", &e));
-                    match present {
+                    match link.qmp.peripheral_ids().await {
                         Ok(ids) if ids.contains(&alias) => {
                             self.ledger
                                 .commit(|l| l.plan_advance(pci, token, Step::Attached))
@@ -290,10 +296,14 @@ impl<L: LedgerPort> Executor<L> {
                                 format!("{alias} is not in /machine/peripheral after device_add"),
                             ));
                         }
-                        Err(e) => last = Some(e),
+                        // The device may be in the guest and we cannot tell: it stays
+                        // `Attaching`, never released on a guess; the next connection's
+                        // reconcile (or a DEL, which unplugs first) decides.
+                        Err(e) => return Err(unknown_outcome(&alias, &e)),
                     }
                     break;
                 }
+                Err(e) if e.is_connection_error() => return Err(unknown_outcome(&alias, &e)),
                 // Taken between the look and the add (another device, another VM's agent):
                 // try the next port.
                 Err(e)

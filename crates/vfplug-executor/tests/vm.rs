@@ -303,3 +303,32 @@ async fn no_free_root_port_is_try_again_and_touches_nothing() {
     assert!(e.msg.contains("no free hotplug slot"), "{e}");
     assert!(matches!(state(&v.s, 0), VfState::Configured { .. }));
 }
+
+/// QEMU's connection drops right after `device_add`: the device may be in the guest, so the VF
+/// is never released on a guess — it stays `Attaching`, and the rollback of the ADD cannot free
+/// it (a VM step owns it) until a reconnect decides.
+#[tokio::test]
+async fn a_lost_connection_during_the_attach_never_frees_the_vf() {
+    let script = Script::new()
+        .expect("query-memory-size-summary")
+        .ret(json!({"base-memory": GIB}))
+        .expect("qom-list")
+        .ret(peripherals(&[]))
+        .expect("query-pci")
+        .ret(pci_tree())
+        .expect("device_add")
+        .disconnect();
+    let v = start(script).await;
+    let t = attach(&v.s, 0).await;
+    let e = v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap_err();
+    assert_eq!(e.kind, vfplug_executor::ErrorKind::TryAgain, "{e}");
+    assert!(matches!(state(&v.s, 0), VfState::Attaching { .. }));
+    let r = v.s.exec.finalize_removal(pci(0), t, "rollback").await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(matches!(state(&v.s, 0), VfState::Attaching { .. }));
+    assert_eq!(
+        v.s.pf.read_vf("ens1f1", 0).unwrap().vlan,
+        42,
+        "settings kept"
+    );
+}
