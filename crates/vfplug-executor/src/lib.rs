@@ -89,17 +89,21 @@ impl<L: LedgerPort> Executor<L> {
     }
 
     /// Run once at start, before any CNI call is served: every ADD that never finished (a
-    /// reservation, or settings written ahead but the ADD not done) and every release that was
-    /// under way is finished as DEL would finish it. Completed attachments are left alone.
+    /// reservation, settings written ahead but the ADD not done, a VM pod's VF configured but
+    /// not yet in its guest) and every release that was under way is finished as DEL would
+    /// finish it. Completed attachments, and VFs in or on their way into or out of a guest (the
+    /// VM reconcile's), are left alone.
     pub async fn recover(&self) -> Recovered {
         let todo: Vec<(PciAddress, u64)> = self.ledger.read(|l| {
             l.iter()
                 .filter_map(|(pci, s)| {
                     let half_done = match s {
                         VfState::Reserved { .. } | VfState::Releasing { .. } => true,
-                        VfState::Configured { lease } => {
-                            lease.cni.as_deref().is_some_and(|c| !c.complete)
-                        }
+                        // A VM pod's attachment is finished only once it is in the guest.
+                        VfState::Configured { lease } => lease
+                            .cni
+                            .as_deref()
+                            .is_some_and(|c| !c.complete || c.vm.is_some()),
                         _ => false,
                     };
                     half_done.then(|| (*pci, s.effective_lease().map_or(0, |l| l.token)))
