@@ -55,7 +55,7 @@ pub(crate) fn cni_code(kind: ErrorKind) -> CniCode {
         ErrorKind::InvalidConfig => CniCode::InvalidConfig,
         ErrorKind::NoSuchDevice => CniCode::NoSuchDevice,
         ErrorKind::Busy => CniCode::VfBusy,
-        ErrorKind::TryAgain => CniCode::TryAgainLater,
+        ErrorKind::TryAgain | ErrorKind::VmNotRunning => CniCode::TryAgainLater,
         ErrorKind::VfConfig => CniCode::VfConfig,
         ErrorKind::Netdev => CniCode::Netdev,
         ErrorKind::CheckFailed => CniCode::CheckFailed,

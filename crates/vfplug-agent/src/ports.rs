@@ -308,11 +308,15 @@ impl vfplug_executor::QmpConnector for PodQmp {
         vm: &'a vfplug_core::VmRef,
     ) -> vfplug_executor::vm::BoxFuture<'a, Result<vfplug_executor::VmLink, ExecError>> {
         Box::pin(async move {
-            let not_there = |e: &dyn std::fmt::Display| {
-                ExecError::new(
-                    ErrorKind::TryAgain,
-                    format!("VM {vm}: QMP socket not usable (is QEMU running?): {e}"),
-                )
+            // A socket (or pod volume) that is gone, or one nobody listens on: QEMU is not
+            // running. Anything else (a refusal, a timeout) says nothing about QEMU.
+            let classify = |e: &vfplug_host::vmpod::VmPodError| {
+                let kind = if e.is_missing() || e.is_refused() {
+                    ErrorKind::VmNotRunning
+                } else {
+                    ErrorKind::TryAgain
+                };
+                ExecError::new(kind, format!("VM {vm}: QMP socket not usable: {e}"))
             };
             let sock = vfplug_host::vmpod::resolve_qmp_socket(
                 &self.kubelet_dir,
@@ -320,8 +324,14 @@ impl vfplug_executor::QmpConnector for PodQmp {
                 &vm.qmp_spec,
                 &self.trusted,
             )
-            .map_err(|e| not_there(&e))?;
-            let stream = sock.connect_async().map_err(|e| not_there(&e))?;
+            .map_err(|e| classify(&e))?;
+            let stream = sock.connect_async().map_err(|e| classify(&e))?;
+            let not_there = |e: &dyn std::fmt::Display| {
+                ExecError::new(
+                    ErrorKind::TryAgain,
+                    format!("VM {vm}: QMP negotiation failed: {e}"),
+                )
+            };
             let pid = vfplug_host::vmpod::peer_cred(&stream)
                 .map(|c| c.pid)
                 .map_err(|e| warn!(%vm, error = %e, "no QEMU pid from the QMP socket; RLIMIT_MEMLOCK not raised"))

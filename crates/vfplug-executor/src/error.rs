@@ -25,6 +25,9 @@ pub enum ErrorKind {
     CheckFailed,
     /// No record of the attachment.
     Unknown,
+    /// The VM's QEMU is not running: its QMP socket is gone, or nobody listens on it. For an
+    /// attach, try again later; for a detach, proof that the device is in no guest.
+    VmNotRunning,
     /// vfplugd itself failed (ledger write, a task).
     Internal,
 }

@@ -397,6 +397,13 @@ impl<L: LedgerPort> Executor<L> {
         };
         let link = match self.vm_link(&vm).await {
             Ok(l) => l,
+            // QEMU is not running (its pod is being torn down: containers stop before the CNI
+            // DEL): the device is in no guest.
+            Err(e) if e.kind == ErrorKind::VmNotRunning => {
+                return self
+                    .detached_locked(pci, token, "QEMU is not running")
+                    .await;
+            }
             Err(e) => {
                 warn!(%pci, %vm, error = %e, "QMP unreachable during detach; it stays pending");
                 return Ok(VmDetach::Pending);
@@ -421,8 +428,18 @@ impl<L: LedgerPort> Executor<L> {
                     .await
             }
             Err(e) if e.is_connection_error() => {
-                warn!(%pci, %vm, error = %e, "QMP lost during detach; it stays pending");
-                Ok(VmDetach::Pending)
+                // The connection was gone: is QEMU? One fresh connection tells.
+                lock(&self.sessions).remove(&vm.qmp_socket);
+                match self.vm_link(&vm).await {
+                    Err(e2) if e2.kind == ErrorKind::VmNotRunning => {
+                        self.detached_locked(pci, token, "QEMU is not running")
+                            .await
+                    }
+                    _ => {
+                        warn!(%pci, %vm, error = %e, "QMP lost during detach; it stays pending");
+                        Ok(VmDetach::Pending)
+                    }
+                }
             }
             Err(e) => Err(qmp_err("device_del", &e)),
         }
@@ -508,7 +525,19 @@ impl<L: LedgerPort> Executor<L> {
     /// qemuProcessUpdateDevices): a detaching or attached hostdev QEMU no longer has is
     /// finalized; an attaching one QEMU has is marked attached.
     pub async fn vm_reconcile(self: &Arc<Self>, vm: &VmRef) -> Result<(), ExecError> {
-        let link = self.vm_link(vm).await?;
+        let link = match self.vm_link(vm).await {
+            Ok(l) => l,
+            // QEMU is gone (e.g. the pod was deleted while vfplugd was down): every device it
+            // had is out of every guest.
+            Err(e) if e.kind == ErrorKind::VmNotRunning => {
+                info!(%vm, error = %e, "QEMU is not running: finalizing every VF it had");
+                for (pci, token, _, _) in self.vfs_of(vm) {
+                    self.removal_proved(pci, token, "QEMU is not running").await;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let known = self.vfs_of(vm);
         self.vm_reconcile_with(vm, &link, known).await;
         Ok(())

@@ -28,16 +28,23 @@ const QEMU_PID: u32 = 4242;
 struct Scripted {
     link: Mutex<Option<VmLink>>,
     exited: Mutex<bool>,
+    /// After the one scripted connection: nobody listens on the socket any more.
+    not_running: Mutex<bool>,
 }
 
 impl QmpConnector for Scripted {
     fn connect<'a>(&'a self, _vm: &'a VmRef) -> BoxFuture<'a, Result<VmLink, ExecError>> {
         Box::pin(async move {
+            let kind = if *self.not_running.lock().unwrap() {
+                vfplug_executor::ErrorKind::VmNotRunning
+            } else {
+                vfplug_executor::ErrorKind::TryAgain
+            };
             self.link
                 .lock()
                 .unwrap()
                 .take()
-                .ok_or_else(|| ExecError::new(vfplug_executor::ErrorKind::TryAgain, "no QEMU"))
+                .ok_or_else(|| ExecError::new(kind, "no QEMU"))
         })
     }
 
@@ -113,6 +120,7 @@ async fn start(script: Script) -> Vm {
             pid: Some(QEMU_PID),
         })),
         exited: Mutex::new(false),
+        not_running: Mutex::new(false),
     });
     let memlock = Arc::new(FakeMemlock::new([(QEMU_PID, MemlockLimit::both(64 << 20))]));
     let s = setup_with(Some(VmPorts {
@@ -331,4 +339,37 @@ async fn a_lost_connection_during_the_attach_never_frees_the_vf() {
         42,
         "settings kept"
     );
+}
+
+/// The pod is being torn down: QEMU stopped before the CNI DEL, its socket has no listener.
+/// That is proof the device is in no guest: the DEL finalizes instead of waiting forever; and a
+/// restart's reconcile does the same for a VM that went away while vfplugd was down.
+#[tokio::test]
+async fn a_qemu_that_is_not_running_proves_the_removal() {
+    for via_reconcile in [false, true] {
+        let host = pci(0).to_string();
+        let v = start(attach_script(Script::new(), &host).disconnect()).await;
+        let t = attach(&v.s, 0).await;
+        v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap();
+        // The connection ends; QEMU's pid is not known gone, so nothing is finalized yet.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(matches!(state(&v.s, 0), VfState::Attached { .. }));
+        *v.qmp.not_running.lock().unwrap() = true;
+        if via_reconcile {
+            v.s.exec.vm_reconcile(&vm()).await.unwrap();
+        } else {
+            let d =
+                v.s.exec
+                    .vm_detach(pci(0), t, Duration::from_secs(1))
+                    .await
+                    .unwrap();
+            assert!(matches!(&d, VmDetach::Finalized(f) if f.released), "{d:?}");
+        }
+        assert_eq!(
+            state(&v.s, 0),
+            VfState::Free,
+            "via_reconcile={via_reconcile}"
+        );
+        assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
+    }
 }

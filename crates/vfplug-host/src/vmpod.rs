@@ -166,6 +166,12 @@ impl VmPodError {
             _ => false,
         }
     }
+
+    /// Nobody listens on the socket (`ECONNREFUSED`): the QEMU that created it is gone. A live
+    /// QEMU keeps its QMP listener (a busy one queues connections, it does not refuse them).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused)
+    }
 }
 
 fn io_err(op: &'static str, path: &Path, e: impl Into<io::Error>) -> VmPodError {
