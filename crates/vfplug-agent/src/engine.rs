@@ -160,11 +160,10 @@ impl Agent {
         let t = apply_inventory(&shared, inventory);
         journal.durable(t).await.map_err(store_failed)?;
 
-        let executor = Arc::new(Executor::new(
+        let executor: Arc<AgentExecutor> = Arc::new(Executor::new(
             Arc::new(AgentLedger::new(Arc::clone(&shared))),
             host,
         ));
-        let executor: Arc<AgentExecutor> = executor;
         // Half-done ADDs of a previous run are undone before any new CNI call is served.
         executor.recover().await;
         // VMs with VFs in (or on their way into or out of) their guest: reconnect and diff

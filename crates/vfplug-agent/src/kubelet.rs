@@ -269,10 +269,11 @@ impl PoolBackend {
                         }
                     }
                     // The kubelet re-allocates devices it already holds (e.g. after its restart),
-                    // including one its pod's ADD has configured since. One being set up or
-                    // restored right now is refused until that is done.
+                    // including one its pod's ADD has configured (or attached to its VM) since.
+                    // One being set up or restored right now is refused until that is done.
                     Some(VfState::KubeletAllocated { .. }) => {}
-                    Some(VfState::Configured { lease }) if lease.from_kubelet => {}
+                    Some(VfState::Configured { lease } | VfState::Attached { lease, .. })
+                        if lease.from_kubelet => {}
                     Some(other) => {
                         return Err(AllocError::Unavailable {
                             id: id.clone(),

@@ -139,14 +139,7 @@ fn send_devices(st: &State, resource: &str, rt: &PoolRuntime) {
 
 /// Whether a VF may be handed out by the kubelet right now.
 pub(crate) fn vf_healthy(st: &State, pool: &PoolConfig, vf: &VfInfo) -> bool {
-    // A VF the kubelet gave a pod, which that pod's ADD then configured, is still the
-    // kubelet's allocation: shown Unhealthy it would be counted twice (taken out of
-    // allocatable *and* counted against the pod's request).
-    let held_elsewhere = match st.ledger.get(&vf.pci) {
-        None | Some(VfState::Free) | Some(VfState::KubeletAllocated { .. }) => false,
-        Some(s) => !s.lease().is_some_and(|l| l.from_kubelet),
-    };
-    if held_elsewhere {
+    if !crate::state::shown_free(st.ledger.get(&vf.pci)) {
         return false;
     }
     if pool.health.pf_link_down == PfLinkDown::Unhealthy

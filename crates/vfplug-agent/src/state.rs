@@ -36,19 +36,29 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Whether the kubelet is shown this state as Healthy (as far as the ledger decides it; PF
-/// carrier and driver are the pools' part): free, the kubelet's own, or the kubelet's VF claimed
-/// by its pod.
-fn shown_free(s: &VfState) -> bool {
-    matches!(s, VfState::Free | VfState::KubeletAllocated { .. })
-        || s.lease().is_some_and(|l| l.from_kubelet)
+/// Whether the ledger lets the kubelet be shown this VF as Healthy (PF carrier and driver are the
+/// pools' part): free, the kubelet's own, or the kubelet's VF while its pod uses it — shown
+/// Unhealthy, that one would be counted twice (out of allocatable *and* against the pod's
+/// request). Once it is on its way back (detaching, releasing) it is not usable by anyone until
+/// the release ends. The one definition for the device lists and for when to push them.
+pub(crate) fn shown_free(s: Option<&VfState>) -> bool {
+    match s {
+        None | Some(VfState::Free | VfState::KubeletAllocated { .. }) => true,
+        Some(
+            VfState::Reserved { lease }
+            | VfState::Configured { lease }
+            | VfState::Attaching { lease, .. }
+            | VfState::Attached { lease, .. },
+        ) => lease.from_kubelet,
+        Some(_) => false,
+    }
 }
 
 /// Whether applying `r` can change what the kubelet is shown.
 fn affects_health(r: &Record) -> bool {
     match r {
         Record::Add { .. } | Record::Remove { .. } => true,
-        Record::Set { from, to, .. } => shown_free(from) != shown_free(to),
+        Record::Set { from, to, .. } => shown_free(Some(from)) != shown_free(Some(to)),
     }
 }
 
@@ -169,5 +179,85 @@ impl Shared {
         self.mark_health(&ok);
         let _ticket = self.journal.enqueue_lazy(ok);
         refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vfplug_core::ledger::{Lease, Owner};
+    use vfplug_core::{PodRef, VmRef};
+
+    use super::*;
+
+    fn lease(from_kubelet: bool) -> Lease {
+        Lease {
+            owner: Owner {
+                pod: PodRef::new("ns", "p", ""),
+                container_id: "c".into(),
+                ifname: "net1".into(),
+            },
+            token: 1,
+            saved: None,
+            from_kubelet,
+            cni: None,
+        }
+    }
+
+    #[test]
+    fn the_kubelets_vf_is_shown_free_while_its_pod_uses_it_and_not_on_its_way_back() {
+        let vm = VmRef::default();
+        let in_use = |l: Lease| {
+            [
+                VfState::Reserved { lease: l.clone() },
+                VfState::Configured { lease: l.clone() },
+                VfState::Attaching {
+                    lease: l.clone(),
+                    alias: "a".into(),
+                    vm: vm.clone(),
+                },
+                VfState::Attached {
+                    lease: l,
+                    alias: "a".into(),
+                    vm: vm.clone(),
+                },
+            ]
+        };
+        let going_back = |l: Lease| {
+            [
+                VfState::Detaching {
+                    lease: l.clone(),
+                    alias: "a".into(),
+                    vm: vm.clone(),
+                    since_ms: 0,
+                    attempts: 1,
+                },
+                VfState::Releasing { lease: l },
+            ]
+        };
+        assert!(shown_free(None));
+        assert!(shown_free(Some(&VfState::Free)));
+        assert!(shown_free(Some(&VfState::KubeletAllocated { pod: None })));
+        for s in in_use(lease(true)) {
+            assert!(shown_free(Some(&s)), "{s:?}");
+        }
+        for s in in_use(lease(false))
+            .into_iter()
+            .chain(going_back(lease(true)))
+            .chain(going_back(lease(false)))
+        {
+            assert!(!shown_free(Some(&s)), "{s:?}");
+        }
+        let q = VfState::Quarantined {
+            reason: "x".into(),
+            previous_owner: None,
+        };
+        assert!(!shown_free(Some(&q)));
+        // What the push is woken by follows the same rule.
+        let r = Record::Set {
+            pci: "0000:3b:02.0".parse().unwrap(),
+            from: VfState::Configured { lease: lease(true) },
+            to: VfState::Releasing { lease: lease(true) },
+        };
+        assert!(affects_health(&r));
     }
 }

@@ -84,8 +84,6 @@ pub struct Journal {
     queue: Mutex<Queue>,
     wake: Condvar,
     durable: watch::Sender<Durable>,
-    /// Bumped on every enqueue: lets the device-plugin side push health changes at once.
-    changed: watch::Sender<u64>,
 }
 
 fn lock(m: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
@@ -99,7 +97,6 @@ impl Journal {
             queue: Mutex::default(),
             wake: Condvar::new(),
             durable: watch::Sender::new(Durable::default()),
-            changed: watch::Sender::new(0),
         })
     }
 
@@ -130,9 +127,6 @@ impl Journal {
         if added > 0 || sync {
             self.wake.notify_one();
         }
-        if added > 0 {
-            self.changed.send_modify(|n| *n = n.wrapping_add(1));
-        }
         t
     }
 
@@ -155,11 +149,6 @@ impl Journal {
     /// The writer's progress (for metrics, readiness and tests).
     pub fn progress(&self) -> watch::Receiver<Durable> {
         self.durable.subscribe()
-    }
-
-    /// A receiver that changes whenever records are enqueued.
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
     }
 
     /// Asks the writer to write what is queued and stop.

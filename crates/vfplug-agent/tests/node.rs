@@ -902,12 +902,9 @@ async fn wait_state(n: &mut Node, pci: &str, want: &str) {
     panic!("{pci} never became {want}: {:?}", n.state_of(pci).await);
 }
 
-/// Finding 2: a VF the kubelet gave a pod, configured by that pod's ADD, stays Healthy at the
-/// kubelet: Unhealthy, the kubelet would take it out of allocatable *and* count the pod's request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kubelet_vf_claimed_by_its_pod_is_counted_once() {
-    let mut n = Node::start(DriverProfile::default()).await;
-    let dev = n.vfs[1].clone();
+/// The kubelet allocates `dev` of the net pool (Allocate over gRPC, after the first full
+/// snapshot) to pod demo/web, and PodResources says so.
+async fn kubelet_gives(n: &Node, dev: &str) {
     n.kubelet
         .wait_snapshot(NET, None, Duration::from_secs(10), |s| {
             s.healthy_ids().len() == 4
@@ -915,16 +912,20 @@ async fn a_kubelet_vf_claimed_by_its_pod_is_counted_once() {
         .await
         .unwrap();
     n.kubelet
-        .allocate(NET, vec![vec![dev.clone()]])
+        .allocate(NET, vec![vec![dev.to_owned()]])
         .await
         .unwrap();
-    n.podres.set_pods(vec![FakePodResources::pod(
-        "demo",
-        "web",
-        "c",
-        NET,
-        &[&dev],
-    )]);
+    n.podres
+        .set_pods(vec![FakePodResources::pod("demo", "web", "c", NET, &[dev])]);
+}
+
+/// Finding 2: a VF the kubelet gave a pod, configured by that pod's ADD, stays Healthy at the
+/// kubelet: Unhealthy, the kubelet would take it out of allocatable *and* count the pod's request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_vf_claimed_by_its_pod_is_counted_once() {
+    let mut n = Node::start(DriverProfile::default()).await;
+    let dev = n.vfs[1].clone();
+    kubelet_gives(&n, &dev).await;
     let ns = n.netns("web");
     n.add(pod_req("sb-web", &ns, &dev, ("demo", "web")))
         .await
@@ -989,23 +990,7 @@ async fn with_a_pool_the_pods_own_kubelet_vf_is_claimed_first() {
     })
     .await;
     let dev = n.vfs[3].clone();
-    n.kubelet
-        .wait_snapshot(NET, None, Duration::from_secs(10), |s| {
-            s.healthy_ids().len() == 4
-        })
-        .await
-        .unwrap();
-    n.kubelet
-        .allocate(NET, vec![vec![dev.clone()]])
-        .await
-        .unwrap();
-    n.podres.set_pods(vec![FakePodResources::pod(
-        "demo",
-        "web",
-        "c",
-        NET,
-        &[&dev],
-    )]);
+    kubelet_gives(&n, &dev).await;
     let ns = n.netns("web");
     let mut req = pod_req("sb-web", &ns, "", ("demo", "web"));
     req.pool = "net".into();
