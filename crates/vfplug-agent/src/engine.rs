@@ -129,10 +129,10 @@ impl Agent {
                 .unwrap_or_else(|| Arc::new(SysfsDriverBinder::new(opts.sysfs_root.clone()))),
             sysfs_root: opts.sysfs_root.clone(),
             vm: Some(vfplug_executor::VmPorts {
-                qmp: Arc::new(crate::ports::PodQmp {
-                    kubelet_dir: opts.kubelet_dir.clone(),
-                    trusted: opts.qmp_trusted_uids.clone(),
-                }),
+                qmp: Arc::new(crate::ports::PodQmp::new(
+                    opts.kubelet_dir.clone(),
+                    opts.qmp_trusted_uids.clone(),
+                )),
                 memlock: opts.memlock.clone().unwrap_or_else(|| {
                     Arc::new(vfplug_host::vmpod::PrlimitMemlock::new("/proc".into()))
                 }),
@@ -166,6 +166,9 @@ impl Agent {
         ));
         // Half-done ADDs of a previous run are undone before any new CNI call is served.
         executor.recover().await;
+        // Hot-plugs owed to VMs whose QEMU was not running when their ADD answered: waited
+        // for again.
+        executor.resume_owed_attaches();
         // VMs with VFs in (or on their way into or out of) their guest: reconnect and diff
         // against QEMU in the background (a VM whose QEMU is gone is finished there too).
         for vm in vms_in_ledger(&shared) {

@@ -217,24 +217,37 @@ impl NodeService {
             }
             let pod = PodRef::new(&att.pod_namespace, &att.pod_name, &att.pod_uid);
             // Resolved (and refused) here for a clear error; the connector resolves it again,
-            // without following symlinks, on every connect.
-            let sock = vfplug_host::vmpod::resolve_qmp_socket(
-                &self.shared.opts.kubelet_dir,
-                &att.pod_uid,
-                &req.qmp_socket,
-                &self.shared.opts.qmp_trusted_uids,
-            )
-            .map_err(|e| {
+            // without following symlinks, on every connect. The volume must be there (the
+            // kubelet mounts a pod's volumes before its sandbox is made); the socket need not
+            // be: QEMU may not have started yet, and the hot-plug is then owed.
+            let opts = &self.shared.opts;
+            let refused = |e: vfplug_host::vmpod::VmPodError| {
                 let code = if e.is_missing() {
                     CniCode::TryAgainLater
                 } else {
                     CniCode::InvalidConfig
                 };
                 NodeError::new(code, format!("qmpSocket: {e}"))
-            })?;
+            };
+            let path = vfplug_host::vmpod::qmp_socket_path(
+                &opts.kubelet_dir,
+                &att.pod_uid,
+                &req.qmp_socket,
+            )
+            .map_err(refused)?;
+            match vfplug_host::vmpod::resolve_qmp_socket(
+                &opts.kubelet_dir,
+                &att.pod_uid,
+                &req.qmp_socket,
+                &opts.qmp_trusted_uids,
+            ) {
+                Ok(_) => {}
+                Err(e) if e.is_missing() => {}
+                Err(e) => return Err(refused(e)),
+            }
             Some(vfplug_core::VmRef {
                 pod,
-                qmp_socket: sock.path().display().to_string(),
+                qmp_socket: path.display().to_string(),
                 qmp_spec: req.qmp_socket.clone(),
             })
         };
@@ -293,6 +306,7 @@ impl NodeService {
             token: lease.token,
             pool: f.resource,
             ipam_result: cni.ipam_result.clone(),
+            attach_pending: cni.attach_pending && matches!(state, VfState::Configured { .. }),
         })
     }
 

@@ -2,7 +2,7 @@
 //! the group-committed journal behind it ([`crate::store`]), the node's view of VFs and pools,
 //! and the pool policy of an ADD (which VF an attachment gets).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
@@ -300,6 +300,65 @@ impl LedgerPort for AgentLedger {
 pub struct PodQmp {
     pub(crate) kubelet_dir: std::path::PathBuf,
     pub(crate) trusted: std::collections::BTreeSet<u32>,
+    /// Per VM (QMP socket path), the socket file (device, inode, ctime) that refused connections: a
+    /// stale socket of a QEMU that is gone. [`Self::ready`] waits for another one.
+    pub(crate) refused: Mutex<std::collections::HashMap<String, (u64, u64, i64, i64)>>,
+}
+
+impl PodQmp {
+    /// A connector for VM pods below `kubelet_dir`, trusting sockets owned by `trusted`.
+    pub fn new(kubelet_dir: std::path::PathBuf, trusted: std::collections::BTreeSet<u32>) -> Self {
+        Self {
+            kubelet_dir,
+            trusted,
+            refused: Mutex::default(),
+        }
+    }
+
+    fn resolve(
+        &self,
+        vm: &vfplug_core::VmRef,
+    ) -> Result<vfplug_host::vmpod::QmpSocket, vfplug_host::vmpod::VmPodError> {
+        vfplug_host::vmpod::resolve_qmp_socket(
+            &self.kubelet_dir,
+            &vm.pod.uid,
+            &vm.qmp_spec,
+            &self.trusted,
+        )
+    }
+
+    /// Connects; a refusal by a socket not seen refusing before is looked at twice more,
+    /// briefly: QEMU binds its socket a moment before it listens, and the volume watch may
+    /// wake in between. A socket that keeps refusing is remembered as stale.
+    async fn connect_fresh(
+        &self,
+        vm: &vfplug_core::VmRef,
+    ) -> Result<tokio::net::UnixStream, vfplug_host::vmpod::VmPodError> {
+        let sock = self.resolve(vm)?;
+        let known_stale = lock(&self.refused).get(&vm.qmp_socket) == Some(&sock.identity());
+        let delays: &[u64] = if known_stale { &[] } else { &[50, 250] };
+        let mut r = sock.connect_async();
+        for ms in delays {
+            match &r {
+                Err(e) if e.is_refused() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+                    r = sock.connect_async();
+                }
+                _ => break,
+            }
+        }
+        let mut refused = lock(&self.refused);
+        match &r {
+            Err(e) if e.is_refused() => {
+                refused.insert(vm.qmp_socket.clone(), sock.identity());
+            }
+            Ok(_) => {
+                refused.remove(&vm.qmp_socket);
+            }
+            Err(_) => {}
+        }
+        r
+    }
 }
 
 impl vfplug_executor::QmpConnector for PodQmp {
@@ -318,14 +377,7 @@ impl vfplug_executor::QmpConnector for PodQmp {
                 };
                 ExecError::new(kind, format!("VM {vm}: QMP socket not usable: {e}"))
             };
-            let sock = vfplug_host::vmpod::resolve_qmp_socket(
-                &self.kubelet_dir,
-                &vm.pod.uid,
-                &vm.qmp_spec,
-                &self.trusted,
-            )
-            .map_err(|e| classify(&e))?;
-            let stream = sock.connect_async().map_err(|e| classify(&e))?;
+            let stream = self.connect_fresh(vm).await.map_err(|e| classify(&e))?;
             let not_there = |e: &dyn std::fmt::Display| {
                 ExecError::new(
                     ErrorKind::TryAgain,
@@ -343,6 +395,50 @@ impl vfplug_executor::QmpConnector for PodQmp {
                 qmp: Arc::new(qmp),
                 pid,
             })
+        })
+    }
+
+    fn can_wait(&self, vm: &vfplug_core::VmRef) -> Result<(), ExecError> {
+        vfplug_host::vmpod::VolumeWatch::new(&self.kubelet_dir, &vm.pod.uid, &vm.qmp_spec)
+            .map(drop)
+            .map_err(|e| {
+                ExecError::new(
+                    ErrorKind::TryAgain,
+                    format!("VM {vm}: the pod's QMP socket volume is not usable: {e}"),
+                )
+            })
+    }
+
+    fn ready<'a>(
+        &'a self,
+        vm: &'a vfplug_core::VmRef,
+    ) -> vfplug_executor::vm::BoxFuture<'a, Result<(), ExecError>> {
+        Box::pin(async move {
+            let gone = |e: &dyn std::fmt::Display| {
+                ExecError::new(
+                    ErrorKind::VmNotRunning,
+                    format!("VM {vm}: cannot watch the pod's QMP socket volume: {e}"),
+                )
+            };
+            loop {
+                // Armed before the look, so that nothing created in between is missed.
+                let mut watch = vfplug_host::vmpod::VolumeWatch::new(
+                    &self.kubelet_dir,
+                    &vm.pod.uid,
+                    &vm.qmp_spec,
+                )
+                .map_err(|e| gone(&e))?;
+                // A socket there that is not the stale one: QEMU (re)started.
+                if let Ok(sock) = self.resolve(vm)
+                    && lock(&self.refused).get(&vm.qmp_socket) != Some(&sock.identity())
+                {
+                    return Ok(());
+                }
+                debug!(%vm, dir = %watch.path().display(), "waiting for QEMU's QMP socket");
+                if watch.changed().await.map_err(|e| gone(&e))? {
+                    return Err(gone(&"the volume was removed"));
+                }
+            }
         })
     }
 

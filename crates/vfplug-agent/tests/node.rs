@@ -1273,33 +1273,37 @@ async fn half_done_adds_are_undone_at_start() {
 
 // ---- issue 9: a VM pod's network, through the node API ----------------------------------------
 
-/// A VM pod (its QMP socket in an emptyDir volume under the kubelet dir, served by the scripted
-/// QMP server) gets its vfio VF hot-plugged by ADD with `qmpSocket`, and DEL unplugs it on
-/// `DEVICE_DELETED` and puts the VF back: nets and hostdevs are one lease throughout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_pods_add_hotplugs_the_vf_and_del_unplugs_it() {
-    use serde_json::json;
+/// A node whose vfplugd trusts the test's sockets and raises memlock through a fake (the test's
+/// own pid is "QEMU"), with the emptyDir volume `qmp` of pod `uid` made. Returns the volume dir.
+async fn vm_node(
+    uid: &str,
+) -> (
+    Node,
+    Arc<vfplug_host::vmpod::FakeMemlock>,
+    std::path::PathBuf,
+) {
     use vfplug_host::vmpod::{FakeMemlock, MemlockLimit};
-    use vfplug_qmp::testing::Script;
-
     let me = std::process::id();
     let memlock = Arc::new(FakeMemlock::new([(me, MemlockLimit::both(64 << 20))]));
     let ml = memlock.clone();
-    let mut n = Node::start_with(DriverProfile::default(), move |o| {
+    let n = Node::start_with(DriverProfile::default(), move |o| {
         o.memlock = Some(ml.clone());
         o.qmp_trusted_uids.insert(rustix_euid());
     })
     .await;
-    let vf = n.vfs[4].clone();
-    // A short UID: the test binds the socket by path (108 bytes at most); vfplugd connects
-    // through /proc/self/fd, which has no such limit.
-    let uid = "vm-a-uid";
     let qmp_dir = n
         .root
         .join("kubelet/pods")
         .join(uid)
         .join("volumes/kubernetes.io~empty-dir/qmp");
     std::fs::create_dir_all(&qmp_dir).unwrap();
+    (n, memlock, qmp_dir)
+}
+
+/// The scripted QEMU of a VM pod: `vf` hot-plugged as `vfplug-net1` into `vfplug-rp1`, then
+/// unplugged with the guest's acknowledgement.
+fn vm_script(vf: &str) -> vfplug_qmp::testing::Script {
+    use serde_json::json;
     let peripherals = |extra: &[&str]| {
         let mut v = vec![
             json!({"name": "vfplug-rp1", "type": "child<pcie-root-port>"}),
@@ -1312,7 +1316,7 @@ async fn a_vm_pods_add_hotplugs_the_vf_and_del_unplugs_it() {
         );
         serde_json::Value::Array(v)
     };
-    let server = Script::new()
+    vfplug_qmp::testing::Script::new()
         .expect("query-memory-size-summary")
         .ret(json!({"base-memory": 1u64 << 30}))
         .expect("qom-list")
@@ -1332,8 +1336,34 @@ async fn a_vm_pods_add_hotplugs_the_vf_and_del_unplugs_it() {
             "DEVICE_DELETED",
             json!({"device": "vfplug-net1", "path": "/machine/peripheral/vfplug-net1"}),
         )
-        .listen(&qmp_dir.join("qmp.sock"))
-        .unwrap();
+}
+
+/// DEL of attachment `sb`/net1 of pod `uid`.
+async fn vm_del(n: &mut Node, sb: &str, uid: &str) -> v1::DelResponse {
+    n.client
+        .del(v1::DelRequest {
+            attachment: Some(v1::Attachment {
+                pod_uid: uid.into(),
+                ..att(sb, "net1")
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A VM pod (its QMP socket in an emptyDir volume under the kubelet dir, served by the scripted
+/// QMP server) gets its vfio VF hot-plugged by ADD with `qmpSocket`, and DEL unplugs it on
+/// `DEVICE_DELETED` and puts the VF back: nets and hostdevs are one lease throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_pods_add_hotplugs_the_vf_and_del_unplugs_it() {
+    // A short UID: the test binds the socket by path (108 bytes at most); vfplugd connects
+    // through /proc/self/fd, which has no such limit.
+    let uid = "vm-a-uid";
+    let (mut n, memlock, qmp_dir) = vm_node(uid).await;
+    let vf = n.vfs[4].clone();
+    let server = vm_script(&vf).listen(&qmp_dir.join("qmp.sock")).unwrap();
 
     let ns = n.netns("vm-a");
     let mut req = vfio_req("sb-vm-a", &ns, &vf, v1::VfConfig::default());
@@ -1344,30 +1374,86 @@ async fn a_vm_pods_add_hotplugs_the_vf_and_del_unplugs_it() {
         Err(e) => panic!("{e:?}; QMP server: {:?}", server.await),
     };
     assert_eq!(
-        (r.pci_address.as_str(), r.mode.as_str()),
-        (vf.as_str(), "vfio")
+        (r.pci_address.as_str(), r.mode.as_str(), r.attach_pending),
+        (vf.as_str(), "vfio", false)
     );
     assert_eq!(n.state_of(&vf).await.state, "attached");
     // QEMU may lock the guest's RAM + 1 GiB before the device is added.
-    assert_eq!(memlock.calls(), vec![(me, 2 << 30)]);
+    assert_eq!(memlock.calls(), vec![(std::process::id(), 2 << 30)]);
     // A repeated ADD is answered from the ledger, nothing sent to QEMU.
     assert!(n.add(req).await.unwrap().existing);
 
-    let d = n
-        .client
-        .del(v1::DelRequest {
-            attachment: Some(v1::Attachment {
-                pod_uid: uid.into(),
-                ..att("sb-vm-a", "net1")
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = vm_del(&mut n, "sb-vm-a", uid).await;
     assert!(d.released, "{d:?}");
     assert_eq!(n.state_of(&vf).await.state, "free");
     drop(server);
+}
+
+/// The runtime sets up a pod's networks before its containers start: an ADD for a VM pod whose
+/// QEMU has not bound its QMP socket yet answers at once with the VF reserved and configured
+/// and the hot-plug owed; a stale socket (nobody listening) does not count; the moment QEMU
+/// binds a new socket in the pod's volume (inotify, not polling), vfplugd hot-plugs the VF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_pods_add_before_qemu_runs_hotplugs_once_qemu_listens() {
+    let uid = "vm-b-uid";
+    let (mut n, memlock, qmp_dir) = vm_node(uid).await;
+    let vf = n.vfs[4].clone();
+    let sock = qmp_dir.join("qmp.sock");
+    // A socket left behind by an earlier QEMU: bound, nobody listening.
+    let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    drop(stale);
+
+    let ns = n.netns("vm-b");
+    let mut req = vfio_req("sb-vm-b", &ns, &vf, v1::VfConfig::default());
+    req.attachment.as_mut().unwrap().pod_uid = uid.into();
+    req.qmp_socket = "qmp/qmp.sock".into();
+    let r = n.add(req.clone()).await.unwrap();
+    assert!(r.attach_pending && !r.existing, "{r:?}");
+    assert_eq!(r.pci_address, vf);
+    assert_eq!(n.state_of(&vf).await.state, "configured");
+    assert!(
+        memlock.calls().is_empty(),
+        "nothing sent to a QEMU that is not there"
+    );
+    // A repeat (the runtime retrying) is answered from the ledger, still owed.
+    let again = n.add(req).await.unwrap();
+    assert!(again.existing && again.attach_pending, "{again:?}");
+
+    // QEMU starts: a new socket replaces the stale one.
+    std::fs::remove_file(&sock).unwrap();
+    let server = vm_script(&vf).listen(&sock).unwrap();
+    let mut state = String::new();
+    for _ in 0..500 {
+        state = n.state_of(&vf).await.state;
+        if state == "attached" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(state, "attached", "the owed hot-plug was not done");
+    assert_eq!(memlock.calls(), vec![(std::process::id(), 2 << 30)]);
+
+    let d = vm_del(&mut n, "sb-vm-b", uid).await;
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.state_of(&vf).await.state, "free");
+    drop(server);
+}
+
+/// An owed hot-plug whose pod goes away before QEMU ever ran: DEL releases the VF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_del_before_qemu_ever_ran_releases_the_owed_vf() {
+    let uid = "vm-c-uid";
+    let (mut n, memlock, _qmp_dir) = vm_node(uid).await;
+    let vf = n.vfs[4].clone();
+    let ns = n.netns("vm-c");
+    let mut req = vfio_req("sb-vm-c", &ns, &vf, v1::VfConfig::default());
+    req.attachment.as_mut().unwrap().pod_uid = uid.into();
+    req.qmp_socket = "qmp/qmp.sock".into();
+    assert!(n.add(req).await.unwrap().attach_pending);
+    let d = vm_del(&mut n, "sb-vm-c", uid).await;
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.state_of(&vf).await.state, "free");
+    assert!(memlock.calls().is_empty());
 }
 
 /// A `qmpSocket` that resolves out of the pod (a symlink) is refused, and nothing is taken.

@@ -153,6 +153,7 @@ async fn add(inv: &Invocation, delegate: Option<&Delegate<'_>>) -> Result<String
     }
     info!(
         pci = %resp.pci_address, mode = %resp.mode, existing = resp.existing, token = resp.token,
+        attach_pending = resp.attach_pending,
         "attached {} ({}) to {}", inv.env.ifname, inv.env.container_id, conf.name
     );
     finish_add(inv, &resp, ipam_result.as_ref())

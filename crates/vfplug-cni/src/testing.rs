@@ -294,6 +294,7 @@ impl FakeNode {
             mtu: 1500,
             sandbox: req.netns.clone(),
             existing: false,
+            attach_pending: false,
             warnings: vec![],
             token: 7,
             ipam_result: req.ipam_result.clone(),

@@ -610,6 +610,7 @@ fn add_response() -> v1::AddResponse {
         mtu: 9000,
         sandbox: "/var/run/netns/pod".into(),
         existing: false,
+        attach_pending: false,
         warnings: vec![],
         token: 3,
         pool: "sriov_a".into(),

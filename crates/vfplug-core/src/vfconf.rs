@@ -335,6 +335,16 @@ pub struct CniAttachment {
     /// into that VM's QEMU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<crate::ident::VmRef>,
+    /// A VM pod's ADD answered while its QEMU was not running yet (the runtime sets up a pod's
+    /// networks before its containers start): the hot-plug is owed, and vfplugd does it as soon
+    /// as the QMP socket answers, also after a restart. `false` while an ADD is still attaching
+    /// by itself (a crash then undoes it), and for container pods.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attach_pending: bool,
+    /// Why the last try of an owed hot-plug failed; it is tried again when the VM's QEMU is
+    /// reached anew (its QMP socket recreated, or vfplugd restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach_error: Option<String>,
 }
 
 impl Default for CniAttachment {
@@ -350,6 +360,8 @@ impl Default for CniAttachment {
             ipam_result: String::new(),
             complete: true,
             vm: None,
+            attach_pending: false,
+            attach_error: None,
         }
     }
 }
@@ -362,9 +374,34 @@ fn is_true(b: &bool) -> bool {
     *b
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An owed hot-plug survives a round trip through the log; records written before the
+    /// fields existed read as "nothing owed", and the fields are left out when unset so that
+    /// those records are written as before.
+    #[test]
+    fn an_owed_hotplug_is_kept_and_old_attachments_owe_nothing() {
+        let owed = CniAttachment {
+            attach_pending: true,
+            attach_error: Some("no free hotplug slot".into()),
+            ..CniAttachment::default()
+        };
+        let json = serde_json::to_string(&owed).unwrap();
+        assert_eq!(serde_json::from_str::<CniAttachment>(&json).unwrap(), owed);
+        let plain = serde_json::to_value(CniAttachment::default()).unwrap();
+        assert!(plain.get("attach_pending").is_none() && plain.get("attach_error").is_none());
+        let old: CniAttachment = serde_json::from_str(
+            r#"{"network":"n","netns":"/ns","mode":"vfio","config":{}}"#,
+        )
+        .unwrap();
+        assert!(!old.attach_pending && old.attach_error.is_none() && old.complete);
+    }
 
     #[test]
     fn mac_parses_and_prints() {

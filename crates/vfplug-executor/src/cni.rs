@@ -67,6 +67,9 @@ pub struct AddOutcome {
     pub pci: PciAddress,
     /// A repeated ADD: the first one's result stands.
     pub existing: bool,
+    /// A VM pod whose QEMU is not running yet: the VF is reserved and configured, and the
+    /// hot-plug is owed (done when the QMP socket answers; see `vm.rs`).
+    pub attach_pending: bool,
 }
 
 /// What DEL did.
@@ -116,6 +119,12 @@ fn is_repeat(state: &VfState, pci: PciAddress, req: &AddRequest) -> bool {
     let lease = match (state, &req.vm) {
         (VfState::Configured { lease }, None) => lease,
         (VfState::Attached { lease, .. }, Some(_)) => lease,
+        // Answered earlier with the hot-plug owed (QEMU was not running yet).
+        (VfState::Configured { lease }, Some(_))
+            if lease.cni.as_deref().is_some_and(|c| c.attach_pending) =>
+        {
+            lease
+        }
         _ => return false,
     };
     req.device.is_none_or(|d| d == pci)
@@ -139,6 +148,7 @@ impl<L: LedgerPort> Executor<L> {
                 return Ok(AddOutcome {
                     pci,
                     existing: true,
+                    attach_pending: matches!(state, VfState::Configured { .. }) && req.vm.is_some(),
                 });
             }
             // A different request for the same attachment, or an ADD that never finished: undo
@@ -176,15 +186,24 @@ impl<L: LedgerPort> Executor<L> {
         info!(%pci, attachment = %owner, token, pool = %reserved.facts.resource, "VF reserved");
 
         let configured = self.configure(&reserved.facts, token, &req).await;
-        // A VM pod's network: into the guest, under the same VF lock.
+        // A VM pod's network: into the guest, under the same VF lock. A QEMU that is not
+        // running yet (the runtime sets up a pod's networks before starting its containers)
+        // is not a failure: the hot-plug is owed and done when its QMP socket answers.
         let attached = match (configured, &req.vm) {
-            (Ok(()), Some(vm)) => self.vm_attach_locked(pci, token, vm).await.map(drop),
-            (r, _) => r,
+            (Ok(()), Some(vm)) => match self.vm_attach_locked(pci, token, vm).await {
+                Ok(_) => Ok(false),
+                Err(e) if e.kind == ErrorKind::VmNotRunning => {
+                    self.owe_attach(pci, token, vm, &e).await.map(|()| true)
+                }
+                Err(e) => Err(e),
+            },
+            (r, _) => r.map(|()| false),
         };
         match attached {
-            Ok(()) => Ok(AddOutcome {
+            Ok(attach_pending) => Ok(AddOutcome {
                 pci,
                 existing: false,
+                attach_pending,
             }),
             Err(e) => {
                 warn!(%pci, attachment = %owner, error = %e, "ADD failed: rolling back");
@@ -315,6 +334,8 @@ impl<L: LedgerPort> Executor<L> {
             ipam_result: req.ipam_result.clone(),
             complete: false,
             vm: req.vm.clone(),
+            attach_pending: false,
+            attach_error: None,
         };
         // Write-ahead: everything needed to undo is durable before anything changes.
         {
@@ -468,18 +489,24 @@ impl<L: LedgerPort> Executor<L> {
         why: &str,
         wait: Duration,
     ) -> Result<crate::Finalized, ExecError> {
-        let in_vm = self.ledger.read(|l| {
-            matches!(
-                l.get(&pci),
-                Some(
-                    VfState::Attaching { .. }
-                        | VfState::Attached { .. }
-                        | VfState::Detaching { .. }
+        let in_vm = || {
+            self.ledger.read(|l| {
+                matches!(
+                    l.get(&pci),
+                    Some(
+                        VfState::Attaching { .. }
+                            | VfState::Attached { .. }
+                            | VfState::Detaching { .. }
+                    )
                 )
-            )
-        });
-        if !in_vm {
-            return self.finalize_removal(pci, token, why).await;
+            })
+        };
+        if !in_vm() {
+            match self.finalize_removal(pci, token, why).await {
+                // An owed hot-plug went in between the look and the VF lock: unplug it first.
+                Err(e) if e.kind == ErrorKind::TryAgain && in_vm() => {}
+                r => return r,
+            }
         }
         match self.vm_detach(pci, token, wait).await? {
             crate::VmDetach::Finalized(f) => Ok(f),

@@ -52,6 +52,8 @@ pub struct Executor<L> {
     pf_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// One QMP connection per VM.
     pub(crate) sessions: vm::Sessions,
+    /// Per VM (by QMP socket), the task waiting for its QEMU to do the hot-plugs owed to it.
+    pub(crate) waiters: Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 /// What [`Executor::recover`] did.
@@ -72,6 +74,7 @@ impl<L: LedgerPort> Executor<L> {
             vf_locks: Mutex::default(),
             pf_locks: Mutex::default(),
             sessions: Mutex::default(),
+            waiters: Mutex::default(),
         }
     }
 
@@ -100,10 +103,12 @@ impl<L: LedgerPort> Executor<L> {
                     let half_done = match s {
                         VfState::Reserved { .. } | VfState::Releasing { .. } => true,
                         // A VM pod's attachment is finished only once it is in the guest.
+                        // (An ADD that answered with the hot-plug owed is finished: the
+                        // attach is resumed by `resume_owed_attaches`.)
                         VfState::Configured { lease } => lease
                             .cni
                             .as_deref()
-                            .is_some_and(|c| !c.complete || c.vm.is_some()),
+                            .is_some_and(|c| !c.complete || (c.vm.is_some() && !c.attach_pending)),
                         _ => false,
                     };
                     half_done.then(|| (*pci, s.effective_lease().map_or(0, |l| l.token)))

@@ -17,6 +17,12 @@
 //! wait: the detach stays pending, and the VM's event watcher finishes it when the event comes
 //! late. `DEVICE_UNPLUG_GUEST_ERROR` puts the device back to `Attached`.
 //!
+//! **Owed attach**: a CNI ADD whose VM's QEMU is not running yet (the runtime sets up a pod's
+//! networks before its containers start) records the hot-plug as owed in the attachment and
+//! answers; one waiter task per VM sleeps until the connector says QEMU may answer (vfplugd:
+//! inotify on the pod's volume), then attaches every VF owed to it. A restart resumes it
+//! ([`Executor::resume_owed_attaches`]).
+//!
 //! Each VM's connection has a watcher task: a late `DEVICE_DELETED` finalizes the VF it names;
 //! the connection's end (QEMU exited or closed it) finalizes every VF of that VM once the
 //! connector says QEMU is gone, else the next call reconnects and diffs `qom-list` against the
@@ -59,6 +65,26 @@ pub trait QmpConnector: Send + Sync + Debug {
     /// Whether this VM's QEMU is known to have exited (its pid is gone): the devices it had are
     /// out of every guest.
     fn exited(&self, vm: &VmRef, link: &VmLink) -> bool;
+    /// Whether [`Self::ready`] can wait for this VM at all (its pod's volume is there): an ADD
+    /// owes a hot-plug only then, and fails otherwise. Without an implementation, a connector
+    /// cannot wait.
+    fn can_wait(&self, vm: &VmRef) -> Result<(), ExecError> {
+        Err(ExecError::new(
+            ErrorKind::VmNotRunning,
+            format!("VM {vm}: this connector cannot wait for QEMU to start"),
+        ))
+    }
+    /// Resolves once this VM's QEMU may answer on its QMP socket: at once if it does now, else
+    /// when the pod's volume changes (never by polling). An error when waiting is no longer
+    /// possible (the pod's volume is gone).
+    fn ready<'a>(&'a self, vm: &'a VmRef) -> BoxFuture<'a, Result<(), ExecError>> {
+        Box::pin(async move {
+            Err(ExecError::new(
+                ErrorKind::VmNotRunning,
+                format!("VM {vm}: this connector cannot wait for QEMU to start"),
+            ))
+        })
+    }
 }
 
 /// The VM side of the host ports.
@@ -133,6 +159,18 @@ fn unknown_outcome(alias: &str, e: &QmpError) -> ExecError {
     )
 }
 
+/// The VM a hot-plug is owed to, if `s` is a configured VF whose ADD answered with it owed.
+fn owed_vm(s: &VfState) -> Option<&VmRef> {
+    match s {
+        VfState::Configured { lease } => lease
+            .cni
+            .as_deref()
+            .filter(|c| c.attach_pending)
+            .and_then(|c| c.vm.as_ref()),
+        _ => None,
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -177,15 +215,187 @@ impl<L: LedgerPort> Executor<L> {
             .chain([watcher.abort_handle()])
             .collect();
         sessions.insert(vm.qmp_socket.clone(), (link.clone(), aborts));
+        drop(sessions);
+        // QEMU reached anew: hot-plugs owed to it (one that failed before included) are tried.
+        if !self.owed_to(vm).is_empty() {
+            self.spawn_waiter(vm.clone());
+        }
         Ok(link)
     }
 
-    /// Stops every VM watcher and drops the connections (vfplugd's shutdown). Detaches that are
-    /// pending stay so in the ledger; the next start reconnects and reconciles them.
+    /// Stops every VM watcher and waiter and drops the connections (vfplugd's shutdown).
+    /// Detaches that are pending and hot-plugs that are owed stay so in the ledger; the next
+    /// start reconnects, reconciles and resumes them.
     pub fn close_vms(&self) {
         for (_, (_, aborts)) in lock(&self.sessions).drain() {
             for a in aborts {
                 a.abort();
+            }
+        }
+        for (_, a) in lock(&self.waiters).drain() {
+            a.abort();
+        }
+    }
+
+    /// The ADD of a VM pod found its QEMU not running yet (`e`): the hot-plug of the configured
+    /// VF is owed — recorded in the attachment, so that a restart owes it too — and done by the
+    /// VM's waiter as soon as the QMP socket answers. VF lock held by the caller.
+    pub(crate) async fn owe_attach(
+        self: &Arc<Self>,
+        pci: PciAddress,
+        token: Token,
+        vm: &VmRef,
+        e: &ExecError,
+    ) -> Result<(), ExecError> {
+        self.vm_ports()?.qmp.can_wait(vm).map_err(|w| {
+            ExecError::new(
+                w.kind,
+                format!("{e}; and vfplugd cannot wait for it: {}", w.msg),
+            )
+        })?;
+        let mut cni = self
+            .ledger
+            .read(|l| match l.get(&pci) {
+                Some(VfState::Configured { lease }) if lease.token == token => {
+                    lease.cni.as_deref().cloned()
+                }
+                _ => None,
+            })
+            .ok_or_else(|| {
+                ExecError::new(
+                    ErrorKind::Busy,
+                    format!("VF {pci} is no longer configured for lease {token}"),
+                )
+            })?;
+        cni.attach_pending = true;
+        cni.attach_error = None;
+        self.ledger
+            .commit(move |l| l.plan_amend_cni(pci, token, cni))
+            .await?;
+        info!(%pci, %vm, reason = %e,
+            "QEMU is not running yet: the hot-plug is owed, done when its QMP socket answers");
+        self.spawn_waiter(vm.clone());
+        Ok(())
+    }
+
+    /// Starts the waiters of every VM the ledger owes a hot-plug (vfplugd's start, after
+    /// [`Executor::recover`]). Returns how many VMs.
+    pub fn resume_owed_attaches(self: &Arc<Self>) -> usize {
+        let vms: HashMap<String, VmRef> = self.ledger.read(|l| {
+            l.iter()
+                .filter_map(|(_, s)| owed_vm(s).map(|vm| (vm.qmp_socket.clone(), vm.clone())))
+                .collect()
+        });
+        let n = vms.len();
+        for (_, vm) in vms {
+            info!(%vm, "resuming the hot-plugs owed to this VM");
+            self.spawn_waiter(vm);
+        }
+        n
+    }
+
+    /// The waiter of `vm`, unless one runs already (one per VM: its VFs share the connection).
+    fn spawn_waiter(self: &Arc<Self>, vm: VmRef) {
+        let mut waiters = lock(&self.waiters);
+        if waiters
+            .get(&vm.qmp_socket)
+            .is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        let me = Arc::clone(self);
+        let key = vm.qmp_socket.clone();
+        let span = info_span!("vm_await", socket = %vm.qmp_socket);
+        let task = tokio::spawn(async move { me.attach_when_ready(vm).await }.instrument(span));
+        waiters.insert(key, task.abort_handle());
+    }
+
+    /// The hot-plugs owed to `vm`: (pci, token).
+    fn owed_to(&self, vm: &VmRef) -> Vec<(PciAddress, Token)> {
+        self.ledger.read(|l| {
+            l.iter()
+                .filter(|(_, s)| owed_vm(s).is_some_and(|v| v.qmp_socket == vm.qmp_socket))
+                .filter_map(|(pci, s)| s.lease().map(|l| (*pci, l.token)))
+                .collect()
+        })
+    }
+
+    /// The waiter: until nothing is owed to `vm` any more, connect; if QEMU answers, do the
+    /// owed hot-plugs; if not, sleep until the connector says it may answer now. Ends when an
+    /// owed hot-plug failed for another reason than QEMU not running (the reason is recorded
+    /// in the attachment; the next connection to this VM, or vfplugd's next start, tries
+    /// again), or when waiting is no longer possible (the pod's volume is gone: its DEL comes).
+    async fn attach_when_ready(self: Arc<Self>, vm: VmRef) {
+        let Some(ports) = self.host.vm.clone() else {
+            return;
+        };
+        loop {
+            let owed = self.owed_to(&vm);
+            if owed.is_empty() {
+                debug!(%vm, "no hot-plug owed any more");
+                return;
+            }
+            match self.vm_link(&vm).await {
+                Ok(_) => {
+                    let mut retry = false;
+                    for (pci, token) in owed {
+                        match self.vm_attach(pci, token, &vm).await {
+                            Ok(a) => info!(%pci, %vm, alias = %a.alias, port = %a.port,
+                                "owed hot-plug done"),
+                            // QEMU went away again: wait for the next one.
+                            Err(e) if e.kind == ErrorKind::VmNotRunning => retry = true,
+                            // Released (DEL) or taken meanwhile: nothing owed.
+                            Err(e)
+                                if matches!(e.kind, ErrorKind::Busy | ErrorKind::NoSuchDevice) =>
+                            {
+                                debug!(%pci, error = %e, "owed hot-plug no longer owed");
+                            }
+                            Err(e) => {
+                                warn!(%pci, %vm, error = %e, "owed hot-plug failed; it stays owed");
+                                self.record_attach_error(pci, token, &e).await;
+                            }
+                        }
+                    }
+                    if !retry {
+                        return;
+                    }
+                }
+                Err(e) if e.kind == ErrorKind::VmNotRunning => {
+                    debug!(%vm, error = %e, "QEMU not running yet");
+                }
+                Err(e) => {
+                    // A socket there but not usable (an untrusted owner, a failed handshake):
+                    // waiting for the volume to change is all that can help.
+                    warn!(%vm, error = %e, "QMP socket not usable yet; waiting for it to change");
+                }
+            }
+            if let Err(e) = ports.qmp.ready(&vm).await {
+                warn!(%vm, error = %e,
+                    "cannot wait for QEMU any more; the owed hot-plugs stay recorded (DEL \
+                     releases them, vfplugd's next start tries again)");
+                return;
+            }
+        }
+    }
+
+    /// Keeps why an owed hot-plug failed in its attachment (shown with the VM's records).
+    async fn record_attach_error(&self, pci: PciAddress, token: Token, e: &ExecError) {
+        let vf_lock = self.vf_lock(pci);
+        let _held = vf_lock.lock().await;
+        let cni = self.ledger.read(|l| match l.get(&pci) {
+            Some(VfState::Configured { lease }) if lease.token == token => {
+                lease.cni.as_deref().cloned()
+            }
+            _ => None,
+        });
+        if let Some(mut cni) = cni {
+            cni.attach_error = Some(e.msg.clone());
+            if let Err(e) = self
+                .ledger
+                .commit(move |l| l.plan_amend_cni(pci, token, cni))
+                .await
+            {
+                debug!(%pci, error = %e, "attach error not recorded");
             }
         }
     }

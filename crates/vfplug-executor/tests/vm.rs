@@ -30,6 +30,8 @@ struct Scripted {
     exited: Mutex<bool>,
     /// After the one scripted connection: nobody listens on the socket any more.
     not_running: Mutex<bool>,
+    /// "QEMU started": wakes `ready` (the pod volume's change, in vfplugd).
+    started: tokio::sync::Notify,
 }
 
 impl QmpConnector for Scripted {
@@ -50,6 +52,17 @@ impl QmpConnector for Scripted {
 
     fn exited(&self, _vm: &VmRef, _link: &VmLink) -> bool {
         *self.exited.lock().unwrap()
+    }
+
+    fn can_wait(&self, _vm: &VmRef) -> Result<(), ExecError> {
+        Ok(())
+    }
+
+    fn ready<'a>(&'a self, _vm: &'a VmRef) -> BoxFuture<'a, Result<(), ExecError>> {
+        Box::pin(async move {
+            self.started.notified().await;
+            Ok(())
+        })
     }
 }
 
@@ -121,6 +134,7 @@ async fn start(script: Script) -> Vm {
         })),
         exited: Mutex::new(false),
         not_running: Mutex::new(false),
+        started: tokio::sync::Notify::new(),
     });
     let memlock = Arc::new(FakeMemlock::new([(QEMU_PID, MemlockLimit::both(64 << 20))]));
     let s = setup_with(Some(VmPorts {
@@ -372,4 +386,99 @@ async fn a_qemu_that_is_not_running_proves_the_removal() {
         );
         assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
     }
+}
+
+/// The runtime sets up a pod's networks before its containers start: an ADD for a VM pod whose
+/// QEMU is not running yet reserves and configures the VF and answers with the hot-plug owed;
+/// a repeat of it is answered from the ledger; a restart's recovery keeps it owed; and the
+/// hot-plug happens by itself once QEMU answers (woken, not polled).
+#[tokio::test]
+async fn an_add_before_qemu_runs_owes_the_hotplug_and_does_it_when_qemu_answers() {
+    let host = pci(0).to_string();
+    let v = start(attach_script(Script::new(), &host)).await;
+    // No QEMU yet: the scripted connection is held back.
+    let link = v.qmp.link.lock().unwrap().take().unwrap();
+    *v.qmp.not_running.lock().unwrap() = true;
+    let req = vfplug_executor::AddRequest {
+        owner: common::owner(0),
+        network: "vm-net".into(),
+        device: Some(pci(0)),
+        config: vfplug_core::VfConfig {
+            vlan: Some(42),
+            ..Default::default()
+        },
+        vm: Some(vm()),
+        ..Default::default()
+    };
+    let out = v.s.exec.add(req.clone()).await.unwrap();
+    assert!(out.attach_pending && !out.existing, "{out:?}");
+    let owed = |st: &VfState| {
+        matches!(st, VfState::Configured { lease }
+            if lease.cni.as_deref().is_some_and(|c| c.attach_pending && c.vm.is_some()))
+    };
+    assert!(owed(&state(&v.s, 0)), "{:?}", state(&v.s, 0));
+    assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 42);
+
+    let again = v.s.exec.add(req).await.unwrap();
+    assert!(again.existing && again.attach_pending, "{again:?}");
+    let r = v.s.exec.recover().await;
+    assert!(
+        r.released.is_empty(),
+        "recovery must not undo an answered ADD: {r:?}"
+    );
+    assert!(owed(&state(&v.s, 0)));
+    assert_eq!(v.s.exec.resume_owed_attaches(), 1);
+
+    // QEMU starts.
+    *v.qmp.link.lock().unwrap() = Some(link);
+    *v.qmp.not_running.lock().unwrap() = false;
+    v.qmp.started.notify_one();
+    let st = wait_state(&v.s, 0, |s| matches!(s, VfState::Attached { .. })).await;
+    let VfState::Attached { alias, .. } = st else {
+        unreachable!()
+    };
+    assert_eq!(alias, "vfplug-net1");
+    assert_eq!(v.memlock.calls(), [(QEMU_PID, 3 * GIB)]);
+    // The script saw exactly the attach, and nothing more, once the connection closes.
+    v.s.exec.close_vms();
+    drop(v.s);
+    tokio::time::timeout(Duration::from_secs(5), v.server)
+        .await
+        .expect("the QMP connection was closed")
+        .unwrap()
+        .unwrap();
+}
+
+/// A DEL of an owed hot-plug (the pod went away before its QEMU ever ran) releases the VF,
+/// and nothing is hot-plugged afterwards.
+#[tokio::test]
+async fn a_del_of_an_owed_hotplug_releases_the_vf() {
+    let v = start(Script::new()).await;
+    let _never = v.qmp.link.lock().unwrap().take();
+    *v.qmp.not_running.lock().unwrap() = true;
+    let req = vfplug_executor::AddRequest {
+        owner: common::owner(0),
+        network: "vm-net".into(),
+        device: Some(pci(0)),
+        config: vfplug_core::VfConfig {
+            vlan: Some(42),
+            ..Default::default()
+        },
+        vm: Some(vm()),
+        ..Default::default()
+    };
+    assert!(v.s.exec.add(req).await.unwrap().attach_pending);
+    let d =
+        v.s.exec
+            .del("c0", "net1", Duration::from_secs(1))
+            .await
+            .unwrap();
+    assert!(d.finalized.released, "{d:?}");
+    assert_eq!(state(&v.s, 0), VfState::Free);
+    assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
+    // A late "QEMU started" finds nothing owed.
+    v.qmp.started.notify_one();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(state(&v.s, 0), VfState::Free);
+    assert_eq!(v.s.exec.resume_owed_attaches(), 0);
 }

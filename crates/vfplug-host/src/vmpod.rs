@@ -304,6 +304,9 @@ pub struct QmpSocket {
     owner: u32,
     dev: u64,
     ino: u64,
+    /// Change time (s, ns): with the inode, tells a new socket from an old one whose inode
+    /// number was reused.
+    ctime: (i64, i64),
 }
 
 impl QmpSocket {
@@ -316,6 +319,12 @@ impl QmpSocket {
     /// The uid owning the socket (one of the trusted owners).
     pub fn owner_uid(&self) -> u32 {
         self.owner
+    }
+
+    /// The socket file's identity (device, inode, change time): a QEMU that starts anew binds
+    /// a new socket, and even where the inode number is reused, its change time differs.
+    pub fn identity(&self) -> (u64, u64, i64, i64) {
+        (self.dev, self.ino, self.ctime.0, self.ctime.1)
     }
 
     /// The escaped plugin directory the volume was found under (e.g. `kubernetes.io~empty-dir`).
@@ -376,6 +385,21 @@ pub fn resolve_qmp_socket(
     resolve(kubelet_dir, &uid, &spec, trusted)
 }
 
+/// Where the QMP socket of pod `pod_uid` named by `spec` is (or will be, once QEMU binds it):
+/// the volume is found as [`resolve_qmp_socket`] finds it, and must be there; the socket need
+/// not be. The same path as [`QmpSocket::path`] once it is.
+pub fn qmp_socket_path(
+    kubelet_dir: &Path,
+    pod_uid: &str,
+    spec: &str,
+) -> Result<PathBuf, VmPodError> {
+    let uid: PodUid = pod_uid.parse()?;
+    let spec: SocketSpec = spec.parse()?;
+    Ok(locate_volume(kubelet_dir, &uid, &spec)?
+        .path
+        .join(&spec.file))
+}
+
 /// [`resolve_qmp_socket`] on parsed inputs.
 pub fn resolve(
     kubelet_dir: &Path,
@@ -383,6 +407,44 @@ pub fn resolve(
     spec: &SocketSpec,
     trusted: &BTreeSet<u32>,
 ) -> Result<QmpSocket, VmPodError> {
+    let found = locate_volume(kubelet_dir, uid, spec)?;
+    let (_fd, st) = open_socket(&found.fd, &found.path, &spec.file)?;
+    let path = found.path.join(&spec.file);
+    if !trusted.contains(&st.st_uid) {
+        return Err(VmPodError::UntrustedOwner {
+            path,
+            uid: st.st_uid,
+            trusted: trusted.clone(),
+        });
+    }
+    debug!(path = %path.display(), owner = st.st_uid, "resolved QMP socket");
+    Ok(QmpSocket {
+        pods_dir: found.pods_dir,
+        uid: uid.clone(),
+        plugin: found.plugin,
+        spec: spec.clone(),
+        owner: st.st_uid,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        ctime: (st.st_ctime, i64::try_from(st.st_ctime_nsec).unwrap_or(0)),
+    })
+}
+
+/// A pod volume directory found by the no-symlink walk, open.
+struct Volume {
+    pods_dir: PathBuf,
+    plugin: String,
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// `<kubelet>/pods/<uid>/volumes/<plugin>/<volume>` of `spec`: the one plugin dir holding the
+/// volume, every component below `pods/` opened without following symlinks.
+fn locate_volume(
+    kubelet_dir: &Path,
+    uid: &PodUid,
+    spec: &SocketSpec,
+) -> Result<Volume, VmPodError> {
     let pods_path = kubelet_dir.join("pods");
     // The operator's own directory: symlinks allowed (and resolved once, here).
     let pods_dir =
@@ -429,27 +491,101 @@ pub fn resolve(
         }
     };
 
-    let volume = walk_to_volume(&pods, &pods_dir, uid, &plugin, spec)?;
-    let volume_path = volumes_path.join(&plugin).join(&spec.volume);
-    let (_fd, st) = open_socket(&volume, &volume_path, &spec.file)?;
-    let path = volume_path.join(&spec.file);
-    if !trusted.contains(&st.st_uid) {
-        return Err(VmPodError::UntrustedOwner {
-            path,
-            uid: st.st_uid,
-            trusted: trusted.clone(),
-        });
-    }
-    debug!(path = %path.display(), owner = st.st_uid, "resolved QMP socket");
-    Ok(QmpSocket {
+    let fd = walk_to_volume(&pods, &pods_dir, uid, &plugin, spec)?;
+    let path = volumes_path.join(&plugin).join(&spec.volume);
+    Ok(Volume {
         pods_dir,
-        uid: uid.clone(),
         plugin,
-        spec: spec.clone(),
-        owner: st.st_uid,
-        dev: st.st_dev,
-        ino: st.st_ino,
+        fd,
+        path,
     })
+}
+
+/// Wakes its owner when something changes in the pod volume that holds a QMP socket (an entry
+/// created, renamed in, or its attributes changed; the directory itself removed): how vfplugd
+/// learns, without polling, that a VM pod's QEMU may have started listening. inotify on the
+/// very directory the no-symlink walk opened (through its fd), so a symlink swapped in above it
+/// cannot redirect the watch; the watch only wakes, and the connect that follows checks again.
+#[derive(Debug)]
+pub struct VolumeWatch {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+    path: PathBuf,
+}
+
+impl VolumeWatch {
+    /// Arms a watch on the volume of `spec` of pod `pod_uid`. Fails like
+    /// [`resolve_qmp_socket`] when the volume is not there or not acceptable. Must be called
+    /// from within a tokio runtime.
+    pub fn new(kubelet_dir: &Path, pod_uid: &str, spec: &str) -> Result<Self, VmPodError> {
+        use rustix::fs::inotify;
+        let uid: PodUid = pod_uid.parse()?;
+        let spec: SocketSpec = spec.parse()?;
+        let volume = locate_volume(kubelet_dir, &uid, &spec)?;
+        let ino = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+            .map_err(|e| io_err("inotify_init1", &volume.path, e))?;
+        // Through /proc/self/fd: the directory the walk verified, whatever its path now holds.
+        let via = PathBuf::from(format!("/proc/self/fd/{}", volume.fd.as_raw_fd()));
+        let flags = inotify::WatchFlags::CREATE
+            | inotify::WatchFlags::MOVED_TO
+            | inotify::WatchFlags::ATTRIB
+            | inotify::WatchFlags::DELETE_SELF
+            | inotify::WatchFlags::MOVE_SELF
+            | inotify::WatchFlags::ONLYDIR;
+        inotify::add_watch(&ino, &via, flags)
+            .map_err(|e| io_err("inotify_add_watch", &volume.path, e))?;
+        // The safe constructor is deprecated (tokio#8587) because a `T` that does not own its fd
+        // could close it while registered; an `OwnedFd` moved into the `AsyncFd` is owned by it
+        // until it is dropped, which is the condition `register_with_interest` asks for, without
+        // `unsafe` in this workspace (`unsafe_code = "forbid"`).
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::with_interest(ino, tokio::io::Interest::READABLE)
+            .map_err(|e| io_err("register inotify", &volume.path, e))?;
+        Ok(Self {
+            fd,
+            path: volume.path,
+        })
+    }
+
+    /// The watched volume directory (for logs).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next change (all changes queued by then are consumed at once). `Ok(true)`
+    /// when the directory itself went away: nothing more will come from this watch.
+    pub async fn changed(&mut self) -> Result<bool, VmPodError> {
+        use rustix::fs::inotify;
+        loop {
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .map_err(|e| io_err("wait on inotify", &self.path, e))?;
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+            let mut reader = inotify::Reader::new(guard.get_inner(), &mut buf);
+            let (mut seen, mut gone) = (false, false);
+            // Drain everything queued (the reader refills from the fd until EAGAIN).
+            loop {
+                match reader.next() {
+                    Ok(ev) => {
+                        seen = true;
+                        gone |= ev.events().intersects(
+                            inotify::ReadFlags::DELETE_SELF
+                                | inotify::ReadFlags::MOVE_SELF
+                                | inotify::ReadFlags::IGNORED,
+                        );
+                    }
+                    Err(Errno::AGAIN) => break,
+                    Err(Errno::INTR) => {}
+                    Err(e) => return Err(io_err("read inotify", &self.path, e)),
+                }
+            }
+            guard.clear_ready();
+            if seen {
+                return Ok(gone);
+            }
+        }
+    }
 }
 
 /// `<pods>/<uid>/volumes/<plugin>/<volume>`, each opened with `O_NOFOLLOW` under the last.

@@ -11,8 +11,8 @@ use std::process::{Child, Command};
 
 use vfplug_host::prereq;
 use vfplug_host::vmpod::{
-    Memlock, MemlockError, MemlockLimit, PrlimitMemlock, VmPodError, default_trusted_owners,
-    peer_cred, raise_memlock, resolve_qmp_socket,
+    Memlock, MemlockError, MemlockLimit, PrlimitMemlock, VmPodError, VolumeWatch,
+    default_trusted_owners, peer_cred, raise_memlock, resolve_qmp_socket,
 };
 
 const UID: &str = "0b6f2c5e-1d7a-4c8e-9f00-2a1b3c4d5e6f";
@@ -526,4 +526,54 @@ fn prlimit_puts_back_a_limit_raised_between_read_and_write() {
         matches!(&err, MemlockError::Read { path, .. } if path.ends_with("limits")),
         "{err}"
     );
+}
+
+/// The wait for a VM pod's QEMU: the watch wakes when QEMU binds its socket in the volume (and
+/// not before), and reports the volume's removal; a symlinked volume is refused as by resolve.
+#[tokio::test]
+async fn the_volume_watch_wakes_when_the_socket_appears_and_when_the_volume_goes() {
+    let k = Kubelet::new();
+    let mut w = VolumeWatch::new(k.root(), UID, "qmp/qmp.sock").unwrap();
+    assert_eq!(w.path(), k.volume(EMPTY_DIR, "qmp"));
+    // Nothing happened yet: no wake.
+    let early = tokio::time::timeout(std::time::Duration::from_millis(100), w.changed()).await;
+    assert!(early.is_err(), "woke with nothing changed: {early:?}");
+    let sock = k.volume(EMPTY_DIR, "qmp").join("qmp.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let gone = tokio::time::timeout(std::time::Duration::from_secs(5), w.changed())
+        .await
+        .expect("no wake for the socket")
+        .unwrap();
+    assert!(!gone);
+    assert!(k.resolve("qmp/qmp.sock").is_ok());
+
+    // QEMU exits (a bound socket keeps its directory's dentry alive, and the kernel reports
+    // the directory's deletion only once it is released), then the kubelet removes the volume.
+    let mut w = VolumeWatch::new(k.root(), UID, "qmp/qmp.sock").unwrap();
+    drop(listener);
+    fs::remove_file(&sock).unwrap();
+    fs::remove_dir(k.volume(EMPTY_DIR, "qmp")).unwrap();
+    let mut gone = false;
+    for _ in 0..3 {
+        gone = tokio::time::timeout(std::time::Duration::from_secs(5), w.changed())
+            .await
+            .expect("no wake for the removal")
+            .unwrap();
+        if gone {
+            break;
+        }
+    }
+    assert!(gone, "the volume's removal was not reported");
+    assert!(matches!(
+        VolumeWatch::new(k.root(), UID, "qmp/qmp.sock"),
+        Err(VmPodError::VolumeNotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn the_volume_watch_refuses_a_symlinked_volume() {
+    let k = Kubelet::new();
+    k.replace_with_symlink(&k.volume(EMPTY_DIR, "qmp"));
+    let e = VolumeWatch::new(k.root(), UID, "qmp/qmp.sock").unwrap_err();
+    assert!(matches!(e, VmPodError::Symlink { .. }), "{e}");
 }
