@@ -18,6 +18,7 @@
 
 pub mod cni;
 pub mod error;
+pub mod failpoint;
 pub mod finalize;
 pub mod ports;
 pub mod vm;
@@ -33,7 +34,7 @@ pub use cni::{AddOutcome, AddRequest, CheckRequest, DelOutcome, GcOutcome};
 pub use error::{ErrorKind, ExecError};
 pub use finalize::Finalized;
 pub use ports::{HostPorts, LedgerPort, ReserveRequest, Reserved, VfFacts};
-pub use vm::{QmpConnector, VmAttached, VmDetach, VmLink, VmPorts};
+pub use vm::{HostdevModel, QmpConnector, VmAttached, VmDetach, VmLink, VmPorts};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock guards only `()` or a map of locks: nothing half-updated to fear.

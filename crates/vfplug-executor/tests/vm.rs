@@ -127,6 +127,7 @@ async fn start(script: Script) -> Vm {
         qmp: qmp.clone(),
         memlock: memlock.clone(),
         port_prefix: "vfplug-rp".into(),
+        hostdev: vfplug_executor::HostdevModel::VfioPci,
     }));
     Vm {
         s,
