@@ -334,7 +334,10 @@ impl<L: LedgerPort> Executor<L> {
                     }
                     break;
                 }
-                Err(e) if e.is_connection_error() => return Err(unknown_outcome(&alias, &e)),
+                // No answer (lost, or not within the bound): QEMU may still add it.
+                Err(e) if e.is_connection_error() || matches!(e, QmpError::Timeout { .. }) => {
+                    return Err(unknown_outcome(&alias, &e));
+                }
                 // Taken between the look and the add (another device, another VM's agent):
                 // try the next port.
                 Err(e)
