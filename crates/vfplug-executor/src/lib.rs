@@ -53,6 +53,8 @@ pub struct Executor<L> {
     pf_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// One QMP connection per VM.
     pub(crate) sessions: vm::Sessions,
+    /// One connect at a time per VM (by QMP socket).
+    pub(crate) vm_connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What [`Executor::recover`] did.
@@ -73,6 +75,7 @@ impl<L: LedgerPort> Executor<L> {
             vf_locks: Mutex::default(),
             pf_locks: Mutex::default(),
             sessions: Mutex::default(),
+            vm_connects: Mutex::default(),
         }
     }
 

@@ -182,6 +182,20 @@ impl<L: LedgerPort> Executor<L> {
         {
             return Ok(link.clone());
         }
+        // One connect at a time per VM: QEMU's QMP monitor serves one client at a time, so a
+        // second, concurrent connect (a DEL racing the start-time reconcile) would wait for a
+        // greeting until its timeout. The loser of the race uses the winner's connection.
+        let gate = Arc::clone(
+            lock(&self.vm_connects)
+                .entry(vm.qmp_socket.clone())
+                .or_default(),
+        );
+        let _connecting = gate.lock().await;
+        if let Some((link, _)) = lock(&self.sessions).get(&vm.qmp_socket)
+            && !link.qmp.is_closed()
+        {
+            return Ok(link.clone());
+        }
         let ports = self.vm_ports()?;
         let link = ports.qmp.connect(vm).await?;
         // The watcher first diffs what the ledger has in this VM *now* against QEMU (a new

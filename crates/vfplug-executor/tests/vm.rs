@@ -33,11 +33,17 @@ struct Scripted {
     exited: Mutex<bool>,
     /// After the scripted connections: nobody listens on the socket any more.
     not_running: Mutex<bool>,
+    /// How long each connect takes, and how many were made.
+    connect_delay: Mutex<Duration>,
+    connects: Mutex<usize>,
 }
 
 impl QmpConnector for Scripted {
     fn connect<'a>(&'a self, _vm: &'a VmRef) -> BoxFuture<'a, Result<VmLink, ExecError>> {
         Box::pin(async move {
+            *self.connects.lock().unwrap() += 1;
+            let delay = *self.connect_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             let kind = if *self.not_running.lock().unwrap() {
                 vfplug_executor::ErrorKind::VmNotRunning
             } else {
@@ -132,6 +138,8 @@ async fn start_with(script: Script, timeout: Option<Duration>) -> Vm {
         }])),
         exited: Mutex::new(false),
         not_running: Mutex::new(false),
+        connect_delay: Mutex::new(Duration::ZERO),
+        connects: Mutex::new(0),
     });
     let memlock = Arc::new(FakeMemlock::new([(QEMU_PID, MemlockLimit::both(64 << 20))]));
     let s = setup_with(Some(VmPorts {
@@ -565,4 +573,18 @@ async fn a_device_add_reply_that_never_comes_is_bounded_and_frees_nothing() {
         matches!(st, VfState::Attaching { .. }),
         "a device_add that may still happen left the VF {st:?}"
     );
+}
+
+/// Two users of a VM with no connection yet (a DEL racing the start-time reconcile, found by the
+/// crash test): one connect, shared. QEMU's QMP monitor serves one client at a time, so a second
+/// connect would wait for a greeting until it times out.
+#[tokio::test]
+async fn concurrent_first_uses_of_a_vm_share_one_connect() {
+    let v = start(Script::new()).await;
+    *v.qmp.connect_delay.lock().unwrap() = Duration::from_millis(200);
+    let vm = vm();
+    let (a, b) = tokio::join!(v.s.exec.vm_reconcile(&vm), v.s.exec.vm_reconcile(&vm));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(*v.qmp.connects.lock().unwrap(), 1);
 }
