@@ -12,6 +12,9 @@
 //!   durable commits) and gets its host adapters in [`HostPorts`], so tests drive it with the
 //!   in-memory fakes of vfplug-host.
 //!
+//! - [`failpoint`] names a point after every persisted step, where a test build of vfplugd
+//!   (`--failpoint`) SIGKILLs itself: the crash tests of the VM lab.
+//!
 //! Every step is persisted in the ledger before it acts (write-ahead), operations on one VF are
 //! serialized by a per-VF lock, and PF netlink writes by a per-PF lock (concurrent VF changes on
 //! one PF fail on some drivers: sriov-cni #34, #213).
