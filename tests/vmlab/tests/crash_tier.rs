@@ -41,7 +41,13 @@ use vfplug_vmlab::vm::{Vm, VmConfig};
 const BOOT: Duration = Duration::from_secs(120);
 const POD_UID: &str = "crash-pod-uid";
 const ALIAS: &str = "vfplug-net1";
+/// The stand-in QEMU driver for the VF (`VMLAB_STAND_IN` overrides): hotplugs into a
+/// `pcie-root-port` and the guest acknowledges its unplug.
 const STAND_IN: &str = "e1000e";
+
+fn stand_in() -> String {
+    std::env::var("VMLAB_STAND_IN").unwrap_or_else(|_| STAND_IN.to_owned())
+}
 /// Long enough for the guest's ACPI unplug acknowledgement under TCG.
 const UNPLUG_WAIT_SECONDS: &str = "20";
 /// How long the invariants may take to hold after the restart.
@@ -109,7 +115,8 @@ impl Daemon {
         let mut c = vfplugd_command(&rig.vfplugd, &node.root, &node.state());
         c.arg("--sim-pf-state")
             .arg(node.sim())
-            .args(["--vm-stand-in-device", STAND_IN])
+            .arg("--vm-stand-in-device")
+            .arg(stand_in())
             .args(["--unplug-wait-seconds", wait])
             .env("RUST_LOG", "info")
             .env_remove(failpoint::ENV)
