@@ -137,6 +137,7 @@ impl Agent {
                     Arc::new(vfplug_host::vmpod::PrlimitMemlock::new("/proc".into()))
                 }),
                 port_prefix: opts.vm_port_prefix.clone(),
+                hostdev: opts.vm_hostdev.clone(),
             }),
         };
         let shared = Arc::new(Shared {

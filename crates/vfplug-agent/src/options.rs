@@ -81,6 +81,9 @@ pub struct AgentOptions {
     pub unplug_wait: Duration,
     /// Id prefix of the hotplug-capable `pcie-root-port`s of VM pods.
     pub vm_port_prefix: String,
+    /// What QEMU device a VF becomes in a VM pod's guest: `vfio-pci`, or (tests only,
+    /// `--vm-stand-in-device`) a stand-in driver on hosts without VFIO.
+    pub vm_hostdev: vfplug_executor::HostdevModel,
     /// Owners a VM pod's QMP socket may have.
     pub qmp_trusted_uids: std::collections::BTreeSet<u32>,
     /// QEMU's RLIMIT_MEMLOCK; `None`: `prlimit(2)` on the real process.
@@ -154,6 +157,7 @@ impl AgentOptions {
             metrics_interval: defaults::METRICS_INTERVAL,
             unplug_wait: defaults::UNPLUG_WAIT,
             vm_port_prefix: defaults::VM_PORT_PREFIX.into(),
+            vm_hostdev: vfplug_executor::HostdevModel::VfioPci,
             qmp_trusted_uids: vfplug_host::vmpod::default_trusted_owners(),
             memlock: None,
         }

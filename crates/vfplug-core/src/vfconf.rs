@@ -396,10 +396,9 @@ mod tests {
         assert_eq!(serde_json::from_str::<CniAttachment>(&json).unwrap(), owed);
         let plain = serde_json::to_value(CniAttachment::default()).unwrap();
         assert!(plain.get("attach_pending").is_none() && plain.get("attach_error").is_none());
-        let old: CniAttachment = serde_json::from_str(
-            r#"{"network":"n","netns":"/ns","mode":"vfio","config":{}}"#,
-        )
-        .unwrap();
+        let old: CniAttachment =
+            serde_json::from_str(r#"{"network":"n","netns":"/ns","mode":"vfio","config":{}}"#)
+                .unwrap();
         assert!(!old.attach_pending && old.attach_error.is_none() && old.complete);
     }
 

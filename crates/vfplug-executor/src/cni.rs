@@ -181,6 +181,7 @@ impl<L: LedgerPort> Executor<L> {
             .await?;
         let pci = reserved.facts.pci;
         let token = reserved.token;
+        crate::failpoint::hit("add-reserved");
         let vf_lock = self.vf_lock(pci);
         let _held = vf_lock.lock().await;
         info!(%pci, attachment = %owner, token, pool = %reserved.facts.resource, "VF reserved");
@@ -354,6 +355,7 @@ impl<L: LedgerPort> Executor<L> {
                 })
                 .await?;
         }
+        crate::failpoint::hit("add-configured");
 
         // Apply through the PF (serialized per PF), then place the netdev or bind vfio.
         let pf_lock = self.pf_lock(&pf);
@@ -397,6 +399,7 @@ impl<L: LedgerPort> Executor<L> {
         })
         .await
         .map_err(ExecError::joined)??;
+        crate::failpoint::hit("add-vfio-bound");
 
         // Done: record it (with the knobs the driver skipped, so CHECK does not expect them and
         // restore leaves them alone). A crash before this record: recovery undoes the ADD.
@@ -405,6 +408,7 @@ impl<L: LedgerPort> Executor<L> {
         self.ledger
             .commit(move |l| l.plan_amend_cni(pci, token, attachment))
             .await?;
+        crate::failpoint::hit("add-complete");
         info!(%pci, attachment = %owner, mode = %mode, "VF configured");
         Ok(())
     }

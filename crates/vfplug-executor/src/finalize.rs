@@ -100,6 +100,7 @@ impl<L: LedgerPort> Executor<L> {
                 self.ledger
                     .commit(|l| l.plan_advance(pci, token, Step::BeginRelease))
                     .await?;
+                crate::failpoint::hit("finalize-begin");
                 lease
             }
             VfState::Releasing { lease } => lease.clone(),
@@ -119,6 +120,7 @@ impl<L: LedgerPort> Executor<L> {
 
         if problems.is_empty() {
             self.ledger.commit(|l| l.plan_release(pci, token)).await?;
+            crate::failpoint::hit("finalize-freed");
             self.ledger.lease_ended(pci, facts.as_ref());
             info!(%pci, why, "VF restored and released");
             Ok(Finalized {
@@ -217,6 +219,7 @@ impl<L: LedgerPort> Executor<L> {
                     )),
                 }
             }
+            crate::failpoint::hit("finalize-restored");
             // 4. Reset: in vfio mode the workload drove the device itself; its state must not
             // reach the next owner. In netdev mode the host driver stayed bound throughout and a
             // reset would only bounce its link.
@@ -225,6 +228,7 @@ impl<L: LedgerPort> Executor<L> {
             {
                 problems.push(format!("resetting VF {pci}: {e}"));
             }
+            crate::failpoint::hit("finalize-reset");
             // 5. The driver it had before the lease (or the pool's).
             if let Some(want) = saved.driver.clone().or(pool_driver) {
                 match host.driver.current_driver(pci) {
@@ -237,6 +241,7 @@ impl<L: LedgerPort> Executor<L> {
                     Err(e) => problems.push(format!("reading VF {pci}'s driver: {e}")),
                 }
             }
+            crate::failpoint::hit("finalize-rebound");
             (problems, warnings)
         })
         .await

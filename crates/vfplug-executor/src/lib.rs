@@ -12,12 +12,16 @@
 //!   durable commits) and gets its host adapters in [`HostPorts`], so tests drive it with the
 //!   in-memory fakes of vfplug-host.
 //!
+//! - [`failpoint`] names a point after every persisted step, where a test build of vfplugd
+//!   (`--failpoint`) SIGKILLs itself: the crash tests of the VM lab.
+//!
 //! Every step is persisted in the ledger before it acts (write-ahead), operations on one VF are
 //! serialized by a per-VF lock, and PF netlink writes by a per-PF lock (concurrent VF changes on
 //! one PF fail on some drivers: sriov-cni #34, #213).
 
 pub mod cni;
 pub mod error;
+pub mod failpoint;
 pub mod finalize;
 pub mod ports;
 pub mod vm;
@@ -33,7 +37,7 @@ pub use cni::{AddOutcome, AddRequest, CheckRequest, DelOutcome, GcOutcome};
 pub use error::{ErrorKind, ExecError};
 pub use finalize::Finalized;
 pub use ports::{HostPorts, LedgerPort, ReserveRequest, Reserved, VfFacts};
-pub use vm::{QmpConnector, VmAttached, VmDetach, VmLink, VmPorts};
+pub use vm::{HostdevModel, QmpConnector, VmAttached, VmDetach, VmLink, VmPorts};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock guards only `()` or a map of locks: nothing half-updated to fear.
@@ -54,6 +58,8 @@ pub struct Executor<L> {
     pub(crate) sessions: vm::Sessions,
     /// Per VM (by QMP socket), the task waiting for its QEMU to do the hot-plugs owed to it.
     pub(crate) waiters: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// One connect at a time per VM (by QMP socket).
+    pub(crate) vm_connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What [`Executor::recover`] did.
@@ -75,6 +81,7 @@ impl<L: LedgerPort> Executor<L> {
             pf_locks: Mutex::default(),
             sessions: Mutex::default(),
             waiters: Mutex::default(),
+            vm_connects: Mutex::default(),
         }
     }
 

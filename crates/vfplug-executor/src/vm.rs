@@ -96,6 +96,34 @@ pub struct VmPorts {
     pub memlock: Arc<dyn Memlock>,
     /// Id prefix of the VM's hotplug-capable `pcie-root-port`s.
     pub port_prefix: String,
+    /// What QEMU device a VF becomes in the guest.
+    pub hostdev: HostdevModel,
+}
+
+/// The QEMU device a VF is hot-plugged as.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HostdevModel {
+    /// `vfio-pci` with `host=<VF>`: the VF itself.
+    #[default]
+    VfioPci,
+    /// **Tests only**: a device of this QEMU driver (e.g. `e1000e`) with the same id and bus and no
+    /// host device, so the sagas run against a real QEMU on a host without VFIO or SR-IOV.
+    StandIn(String),
+}
+
+impl HostdevModel {
+    /// Whether adding it pins the guest's RAM (VFIO does), so QEMU's RLIMIT_MEMLOCK must cover it.
+    pub fn pins_guest_ram(&self) -> bool {
+        matches!(self, Self::VfioPci)
+    }
+
+    /// The `device_add` for VF `pci` as `alias` on root port `port`.
+    pub fn device(&self, pci: PciAddress, alias: &str, port: &str) -> DeviceAdd {
+        match self {
+            Self::VfioPci => DeviceAdd::vfio_pci(pci, alias, port, None),
+            Self::StandIn(driver) => DeviceAdd::new(driver.as_str(), alias).bus(port),
+        }
+    }
 }
 
 /// What [`Executor::vm_attach`] did.
@@ -187,6 +215,20 @@ impl<L: LedgerPort> Executor<L> {
 
     /// The VM's connection, made (and its watcher started) if there is none or it closed.
     pub(crate) async fn vm_link(self: &Arc<Self>, vm: &VmRef) -> Result<VmLink, ExecError> {
+        if let Some((link, _)) = lock(&self.sessions).get(&vm.qmp_socket)
+            && !link.qmp.is_closed()
+        {
+            return Ok(link.clone());
+        }
+        // One connect at a time per VM: QEMU's QMP monitor serves one client at a time, so a
+        // second, concurrent connect (a DEL racing the start-time reconcile) would wait for a
+        // greeting until its timeout. The loser of the race uses the winner's connection.
+        let gate = Arc::clone(
+            lock(&self.vm_connects)
+                .entry(vm.qmp_socket.clone())
+                .or_default(),
+        );
+        let _connecting = gate.lock().await;
         if let Some((link, _)) = lock(&self.sessions).get(&vm.qmp_socket)
             && !link.qmp.is_closed()
         {
@@ -450,7 +492,7 @@ impl<L: LedgerPort> Executor<L> {
         let ports = self.vm_ports()?;
 
         // The first VFIO device pins all guest RAM: QEMU must be allowed to lock it first.
-        if let Some(pid) = link.pid {
+        if let Some(pid) = link.pid.filter(|_| ports.hostdev.pins_guest_ram()) {
             let ram = link
                 .qmp
                 .call(&QueryMemorySizeSummary {})
@@ -487,16 +529,19 @@ impl<L: LedgerPort> Executor<L> {
                 .commit(move |l| l.plan_advance(pci, token, Step::Attach { alias, vm }))
                 .await?;
         }
+        crate::failpoint::hit("attach-attaching");
         let mut last: Option<ExecError> = None;
         for port in candidates {
-            let dev = DeviceAdd::vfio_pci(pci, &alias, &port, None);
+            let dev = ports.hostdev.device(pci, &alias, &port);
             match link.qmp.device_add(&dev).await {
                 Ok(()) => {
+                    crate::failpoint::hit("attach-device-added");
                     match link.qmp.peripheral_ids().await {
                         Ok(ids) if ids.contains(&alias) => {
                             self.ledger
                                 .commit(|l| l.plan_advance(pci, token, Step::Attached))
                                 .await?;
+                            crate::failpoint::hit("attach-attached");
                             info!(%pci, %alias, %port, %vm, "VF hot-plugged");
                             return Ok(VmAttached { alias, port });
                         }
@@ -513,7 +558,10 @@ impl<L: LedgerPort> Executor<L> {
                     }
                     break;
                 }
-                Err(e) if e.is_connection_error() => return Err(unknown_outcome(&alias, &e)),
+                // No answer (lost, or not within the bound): QEMU may still add it.
+                Err(e) if e.is_connection_error() || matches!(e, QmpError::Timeout { .. }) => {
+                    return Err(unknown_outcome(&alias, &e));
+                }
                 // Taken between the look and the add (another device, another VM's agent):
                 // try the next port.
                 Err(e)
@@ -583,6 +631,7 @@ impl<L: LedgerPort> Executor<L> {
                 self.ledger
                     .commit(|l| l.plan_advance(pci, token, Step::Detach { since_ms }))
                     .await?;
+                crate::failpoint::hit("detach-detaching");
                 (alias, vm)
             }
             Some(VfState::Detaching { alias, vm, .. }) => (alias, vm),
@@ -622,6 +671,7 @@ impl<L: LedgerPort> Executor<L> {
         match link.qmp.device_del_and_wait(&alias, wait).await {
             Ok(UnplugOutcome::Deleted) => self.detached_locked(pci, token, "DEVICE_DELETED").await,
             Ok(UnplugOutcome::Pending) => {
+                crate::failpoint::hit("detach-unplug-pending");
                 info!(%pci, %alias, %vm, "unplug pending: the guest has not acknowledged yet");
                 Ok(VmDetach::Pending)
             }
@@ -662,9 +712,11 @@ impl<L: LedgerPort> Executor<L> {
         token: Token,
         why: &str,
     ) -> Result<VmDetach, ExecError> {
+        crate::failpoint::hit("detach-proved");
         self.ledger
             .commit(|l| l.plan_advance(pci, token, Step::Detached))
             .await?;
+        crate::failpoint::hit("detach-detached");
         info!(%pci, why, "hostdev removed from the guest");
         let f = self.finalize_locked(pci, token, why).await?;
         Ok(VmDetach::Finalized(f))

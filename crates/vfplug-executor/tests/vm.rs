@@ -1,11 +1,14 @@
 //! The VM sagas against a scripted QMP server over a real unix socket (vfplug-qmp's `testing`):
 //! attach into a free root port with QEMU's memlock raised first, the detach proved by
 //! `DEVICE_DELETED` (during the wait, or late), the guest's refusal, `device_add` failing, and
-//! QEMU's exit finalizing what it had.
+//! QEMU's exit finalizing what it had. Fault injection (issue 9): the event before the reply, no
+//! event, the guest's error, a disconnect mid-detach, QEMU killed mid-attach, each QMP step of
+//! the attach failing, and a reply that never comes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,20 +26,26 @@ use vfplug_qmp::testing::{Script, ServerTask};
 const GIB: u64 = 1 << 30;
 const QEMU_PID: u32 = 4242;
 
-/// Hands out one scripted connection; QEMU "exits" when told.
+/// Hands out the scripted connections in order; QEMU "exits" when told.
 #[derive(Debug)]
 struct Scripted {
-    link: Mutex<Option<VmLink>>,
+    link: Mutex<VecDeque<VmLink>>,
     exited: Mutex<bool>,
-    /// After the one scripted connection: nobody listens on the socket any more.
+    /// After the scripted connections: nobody listens on the socket any more.
     not_running: Mutex<bool>,
     /// "QEMU started": wakes `ready` (the pod volume's change, in vfplugd).
     started: tokio::sync::Notify,
+    /// How long each connect takes, and how many were made.
+    connect_delay: Mutex<Duration>,
+    connects: Mutex<usize>,
 }
 
 impl QmpConnector for Scripted {
     fn connect<'a>(&'a self, _vm: &'a VmRef) -> BoxFuture<'a, Result<VmLink, ExecError>> {
         Box::pin(async move {
+            *self.connects.lock().unwrap() += 1;
+            let delay = *self.connect_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             let kind = if *self.not_running.lock().unwrap() {
                 vfplug_executor::ErrorKind::VmNotRunning
             } else {
@@ -45,7 +54,7 @@ impl QmpConnector for Scripted {
             self.link
                 .lock()
                 .unwrap()
-                .take()
+                .pop_front()
                 .ok_or_else(|| ExecError::new(kind, "no QEMU"))
         })
     }
@@ -126,21 +135,32 @@ struct Vm {
 }
 
 async fn start(script: Script) -> Vm {
-    let (q, server) = script.connect().await.unwrap();
+    start_with(script, None).await
+}
+
+/// [`start`] with QMP calls bounded by `timeout` instead of the client's default.
+async fn start_with(script: Script, timeout: Option<Duration>) -> Vm {
+    let (mut q, server) = script.connect().await.unwrap();
+    if let Some(t) = timeout {
+        q.set_default_timeout(t);
+    }
     let qmp = Arc::new(Scripted {
-        link: Mutex::new(Some(VmLink {
+        link: Mutex::new(VecDeque::from([VmLink {
             qmp: Arc::new(q),
             pid: Some(QEMU_PID),
-        })),
+        }])),
         exited: Mutex::new(false),
         not_running: Mutex::new(false),
         started: tokio::sync::Notify::new(),
+        connect_delay: Mutex::new(Duration::ZERO),
+        connects: Mutex::new(0),
     });
     let memlock = Arc::new(FakeMemlock::new([(QEMU_PID, MemlockLimit::both(64 << 20))]));
     let s = setup_with(Some(VmPorts {
         qmp: qmp.clone(),
         memlock: memlock.clone(),
         port_prefix: "vfplug-rp".into(),
+        hostdev: vfplug_executor::HostdevModel::VfioPci,
     }));
     Vm {
         s,
@@ -397,7 +417,7 @@ async fn an_add_before_qemu_runs_owes_the_hotplug_and_does_it_when_qemu_answers(
     let host = pci(0).to_string();
     let v = start(attach_script(Script::new(), &host)).await;
     // No QEMU yet: the scripted connection is held back.
-    let link = v.qmp.link.lock().unwrap().take().unwrap();
+    let link = v.qmp.link.lock().unwrap().pop_front().unwrap();
     *v.qmp.not_running.lock().unwrap() = true;
     let req = vfplug_executor::AddRequest {
         owner: common::owner(0),
@@ -430,7 +450,7 @@ async fn an_add_before_qemu_runs_owes_the_hotplug_and_does_it_when_qemu_answers(
     assert_eq!(v.s.exec.resume_owed_attaches(), 1);
 
     // QEMU starts.
-    *v.qmp.link.lock().unwrap() = Some(link);
+    v.qmp.link.lock().unwrap().push_back(link);
     *v.qmp.not_running.lock().unwrap() = false;
     v.qmp.started.notify_one();
     let st = wait_state(&v.s, 0, |s| matches!(s, VfState::Attached { .. })).await;
@@ -454,7 +474,7 @@ async fn an_add_before_qemu_runs_owes_the_hotplug_and_does_it_when_qemu_answers(
 #[tokio::test]
 async fn a_del_of_an_owed_hotplug_releases_the_vf() {
     let v = start(Script::new()).await;
-    let _never = v.qmp.link.lock().unwrap().take();
+    let _never = v.qmp.link.lock().unwrap().pop_front();
     *v.qmp.not_running.lock().unwrap() = true;
     let req = vfplug_executor::AddRequest {
         owner: common::owner(0),
@@ -481,4 +501,199 @@ async fn a_del_of_an_owed_hotplug_releases_the_vf() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(state(&v.s, 0), VfState::Free);
     assert_eq!(v.s.exec.resume_owed_attaches(), 0);
+}
+
+impl Vm {
+    /// QEMU answers the next connection with `script` (a reconnect after a lost one).
+    async fn next_connection(&self, script: Script) -> ServerTask {
+        let (q, server) = script.connect().await.unwrap();
+        self.qmp.link.lock().unwrap().push_back(VmLink {
+            qmp: Arc::new(q),
+            pid: Some(QEMU_PID),
+        });
+        server
+    }
+}
+
+/// The connection drops after `device_del` was sent, before any reply or event, while QEMU is
+/// still running: the detach stays pending (nothing restored, the VF held). When QEMU answers
+/// again, the reconnect's `qom-list` diff proves the removal and the VF is freed; when it does
+/// not, the VF stays Detaching.
+#[tokio::test]
+async fn a_disconnect_mid_detach_stays_pending_until_a_reconnect_proves_the_removal() {
+    for qemu_answers_again in [true, false] {
+        let host = pci(0).to_string();
+        let script = attach_script(Script::new(), &host)
+            .expect_args("device_del", json!({"id": "vfplug-net1"}))
+            .disconnect();
+        let v = start(script).await;
+        let t = attach(&v.s, 0).await;
+        v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap();
+        let _again = if qemu_answers_again {
+            // The guest let go meanwhile: the id is gone from QEMU.
+            Some(
+                v.next_connection(
+                    Script::new()
+                        .expect_args("qom-list", json!({"path": "/machine/peripheral"}))
+                        .ret(peripherals(&[])),
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        let d =
+            v.s.exec
+                .vm_detach(pci(0), t, Duration::from_secs(5))
+                .await
+                .unwrap();
+        assert_eq!(
+            d,
+            VmDetach::Pending,
+            "qemu_answers_again={qemu_answers_again}"
+        );
+        if qemu_answers_again {
+            wait_state(&v.s, 0, |s| *s == VfState::Free).await;
+            assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(matches!(state(&v.s, 0), VfState::Detaching { .. }));
+            assert_eq!(token(&v.s, 0), t);
+            assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 42);
+            assert!(v.s.binder.ops().is_empty(), "{:?}", v.s.binder.ops());
+        }
+    }
+}
+
+/// QEMU is killed right after `device_add` (its connection ends, its pid is gone): the attach's
+/// outcome was unknown, but QEMU's exit proves the device is in no guest, so the VF is restored
+/// and freed without anyone asking.
+#[tokio::test]
+async fn qemu_killed_mid_attach_frees_the_vf_once_its_exit_is_known() {
+    let script = Script::new()
+        .expect("query-memory-size-summary")
+        .ret(json!({"base-memory": GIB}))
+        .expect("qom-list")
+        .ret(peripherals(&[]))
+        .expect("query-pci")
+        .ret(pci_tree())
+        .expect("device_add")
+        .disconnect();
+    let v = start(script).await;
+    *v.qmp.exited.lock().unwrap() = true;
+    let t = attach(&v.s, 0).await;
+    let e = v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap_err();
+    assert_eq!(e.kind, vfplug_executor::ErrorKind::TryAgain, "{e}");
+    wait_state(&v.s, 0, |s| *s == VfState::Free).await;
+    assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
+    assert_eq!(v.s.binder.ops(), vec![BinderOp::Reset(pci(0))]);
+}
+
+/// Each QMP step of the attach answered with an error. Before `device_add` nothing was
+/// persisted beyond Configured; a refused `device_add` or a device QEMU does not list afterwards
+/// is back to Configured (nothing in the guest); a failed look after the `device_add` leaves the
+/// outcome unknown (Attaching, never freed on a guess). Every error names the step.
+#[tokio::test]
+async fn each_qmp_step_of_the_attach_failing() {
+    let steps = [
+        "query-memory-size-summary",
+        "qom-list",
+        "query-pci",
+        "device_add",
+        "qom-list after device_add",
+        "device missing after device_add",
+    ];
+    for (n, step) in steps.iter().enumerate() {
+        let mut script = Script::new();
+        let answers: [(&str, Value); 5] = [
+            ("query-memory-size-summary", json!({"base-memory": GIB})),
+            ("qom-list", peripherals(&[])),
+            ("query-pci", pci_tree()),
+            ("device_add", json!({})),
+            ("qom-list", peripherals(&["vfplug-net1"])),
+        ];
+        for (i, (cmd, ret)) in answers.into_iter().enumerate() {
+            script = script.expect(cmd);
+            if i == n.min(4) {
+                script = if n == 5 {
+                    script.ret(peripherals(&[]))
+                } else {
+                    script.error("GenericError", &format!("injected failure of {step}"))
+                };
+                break;
+            }
+            script = script.ret(ret);
+        }
+        let v = start(script).await;
+        let t = attach(&v.s, 0).await;
+        let e = v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap_err();
+        let st = state(&v.s, 0);
+        assert_eq!(token(&v.s, 0), t, "{step}: the lease is kept");
+        if n == 4 {
+            assert!(matches!(st, VfState::Attaching { .. }), "{step}: {st:?}");
+        } else {
+            assert!(matches!(st, VfState::Configured { .. }), "{step}: {st:?}");
+            let f =
+                v.s.exec
+                    .finalize_removal(pci(0), t, "attach failed")
+                    .await
+                    .unwrap();
+            assert!(f.released, "{step}: {f:?}");
+        }
+        let name = step.split(' ').next().unwrap_or(step);
+        let named = if n == 5 {
+            e.msg.contains("not in /machine/peripheral")
+        } else {
+            e.msg.contains(name) || e.msg.contains("injected failure")
+        };
+        assert!(named, "{step}: {e}");
+    }
+}
+
+/// QEMU never answers `device_add`: the attach does not hang (every QMP call is bounded by the
+/// client's timeout), and since QEMU may still add the device, the VF is not freed on a guess.
+#[tokio::test]
+async fn a_device_add_reply_that_never_comes_is_bounded_and_frees_nothing() {
+    let script = Script::new()
+        .expect("query-memory-size-summary")
+        .ret(json!({"base-memory": GIB}))
+        .expect("qom-list")
+        .ret(peripherals(&[]))
+        .expect("query-pci")
+        .ret(pci_tree())
+        .expect("device_add")
+        .sleep(Duration::from_secs(3));
+    let v = start_with(script, Some(Duration::from_millis(300))).await;
+    let t = attach(&v.s, 0).await;
+    let t0 = std::time::Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        v.s.exec.vm_attach(pci(0), t, &vm()),
+    )
+    .await
+    .expect("the attach hangs")
+    .unwrap_err();
+    println!(
+        "device_add without a reply: attach failed after {:?}: {e}",
+        t0.elapsed()
+    );
+    let st = state(&v.s, 0);
+    assert!(
+        matches!(st, VfState::Attaching { .. }),
+        "a device_add that may still happen left the VF {st:?}"
+    );
+}
+
+/// Two users of a VM with no connection yet (a DEL racing the start-time reconcile, found by the
+/// crash test): one connect, shared. QEMU's QMP monitor serves one client at a time, so a second
+/// connect would wait for a greeting until it times out.
+#[tokio::test]
+async fn concurrent_first_uses_of_a_vm_share_one_connect() {
+    let v = start(Script::new()).await;
+    *v.qmp.connect_delay.lock().unwrap() = Duration::from_millis(200);
+    let vm = vm();
+    let (a, b) = tokio::join!(v.s.exec.vm_reconcile(&vm), v.s.exec.vm_reconcile(&vm));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(*v.qmp.connects.lock().unwrap(), 1);
 }

@@ -862,3 +862,49 @@ impl SysfsWriter for FixtureKernel {
         self.react(path, value).map_err(io::Error::other)
     }
 }
+
+/// The PF of [`vfio_node`].
+pub const VFIO_NODE_PF: &str = "0000:af:00.0";
+
+/// A fake node under `root` for vfplugd: `<root>/sys` with one PF ([`VFIO_NODE_PF`], netdev
+/// `ens1f0`) whose `n` VFs sit on vfio-pci, and `<root>/config.yaml` with one vfio pool `vm`
+/// (`vfplug.io/vm`) over them. Returns the VFs, VF 0 first.
+pub fn vfio_node(root: &Path, n: u32) -> Result<Vec<PciAddress>, FixtureError> {
+    let mut b = SysfsBuilder::new(&root.join("sys"));
+    b.pf(VFIO_NODE_PF)
+        .driver("ice")
+        .netdev("ens1f0")
+        .vfs(n, |_| VfSpec::new().driver("vfio-pci"))
+        .build()?;
+    let cfg = root.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        "pools:\n  - name: vm\n    deviceMode: vfio\n    selectors: { pfNames: [ens1f0] }\n",
+    )
+    .map_err(io_err("write", &cfg))?;
+    (0..n).map(|i| b.vf_address(VFIO_NODE_PF, i)).collect()
+}
+
+/// The command that runs vfplugd (`bin`) on [`vfio_node`]'s tree under `root`, with its ledger in
+/// `state`: node API at `<root>/vfplugd.sock`, kubelet dir `<root>/kubelet`, simulated PF,
+/// device-info files in `<root>/devinfo`, HTTP on an ephemeral port, `RUST_LOG=warn`. Add flags
+/// and set up stdio as the test needs.
+pub fn vfplugd_command(bin: &Path, root: &Path, state: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(bin);
+    c.arg("--sysfs-root")
+        .arg(root.join("sys"))
+        .arg("--kubelet-dir")
+        .arg(root.join("kubelet"))
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--socket")
+        .arg(root.join("vfplugd.sock"))
+        .args(["--vf-netlink", "simulated"])
+        .arg("--config")
+        .arg(root.join("config.yaml"))
+        .arg("--device-info-dir")
+        .arg(root.join("devinfo"))
+        .args(["--http-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn");
+    c
+}

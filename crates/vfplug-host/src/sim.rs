@@ -6,10 +6,11 @@
 //! errno) so tests can prove rollbacks. Every successful or failed call is logged in order.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use vfplug_core::{VfLinkState, VlanProto};
+use vfplug_core::ledger::SavedVfState;
+use vfplug_core::{MacAddr, VfLinkState, VlanProto};
 
 use crate::net::{
     LinkInfo, NetError, NetdevOps, PlaceRequest, RetrieveRequest, Retrieved, VfChange, VfNetlink,
@@ -55,6 +56,59 @@ struct Inner {
 pub struct SimVfNetlink {
     profile: DriverProfile,
     inner: Mutex<Inner>,
+    /// Where every VF's settings are kept, if anywhere (see [`SimVfNetlink::persistent`]).
+    file: Option<PathBuf>,
+}
+
+/// The file of a persistent simulation: `"<pf>/<vf>"` → settings, as JSON.
+type Persisted = BTreeMap<String, SavedVfState>;
+
+fn key(pf: &str, vf: u32) -> String {
+    format!("{pf}/{vf}")
+}
+
+fn to_saved(s: &VfSettings) -> SavedVfState {
+    crate::vfset::saved_from(s)
+}
+
+fn from_saved(s: &SavedVfState) -> VfSettings {
+    VfSettings {
+        mac: MacAddr(s.mac.unwrap_or_default()),
+        vlan: s.vlan,
+        qos: u8::try_from(s.qos).unwrap_or(u8::MAX),
+        vlan_proto: s.vlan_proto.unwrap_or_default(),
+        spoofchk: s.spoofchk,
+        trust: s.trust,
+        link_state: s.link_state,
+        min_tx_rate: s.min_tx_rate.unwrap_or(0),
+        max_tx_rate: s.max_tx_rate.unwrap_or(0),
+    }
+}
+
+/// Reads the file of a persistent simulation: every VF that was ever changed, by (PF netdev, VF
+/// index). A missing file is an empty simulation.
+pub fn read_persisted(file: &Path) -> std::io::Result<BTreeMap<(String, u32), VfSettings>> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e),
+    };
+    let bad = |why: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {why}", file.display()),
+        )
+    };
+    let map: Persisted = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    map.iter()
+        .map(|(k, v)| {
+            let (pf, vf) = k
+                .rsplit_once('/')
+                .and_then(|(pf, vf)| Some((pf.to_owned(), vf.parse().ok()?)))
+                .ok_or_else(|| bad(format!("bad key {k:?} (want <pf>/<vf index>)")))?;
+            Ok(((pf, vf), from_saved(v)))
+        })
+        .collect()
 }
 
 impl SimVfNetlink {
@@ -64,7 +118,39 @@ impl SimVfNetlink {
         Self {
             profile,
             inner: Mutex::default(),
+            file: None,
         }
+    }
+
+    /// A simulation whose VF settings are also kept in `file` (read now, rewritten after every
+    /// change), so they survive a crash of the process as a real PF's would: crash tests check
+    /// that a restarted vfplugd restores what the crashed one applied.
+    pub fn persistent(profile: DriverProfile, file: PathBuf) -> std::io::Result<Self> {
+        let vfs = read_persisted(&file)?;
+        Ok(Self {
+            profile,
+            inner: Mutex::new(Inner {
+                vfs,
+                ..Inner::default()
+            }),
+            file: Some(file),
+        })
+    }
+
+    /// Rewrites the file (write a sibling, then rename: a crash leaves the old or the new).
+    fn persist(&self, g: &Inner) -> std::io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let map: Persisted = g
+            .vfs
+            .iter()
+            .map(|((pf, vf), s)| (key(pf, *vf), to_saved(s)))
+            .collect();
+        let json = serde_json::to_string_pretty(&map).map_err(std::io::Error::other)?;
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, file)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -177,6 +263,13 @@ impl VfNetlink for SimVfNetlink {
                 s.min_tx_rate = min;
                 s.max_tx_rate = max;
             }
+        }
+        if let Err(e) = self.persist(&g) {
+            g.log.push(format!("failed {what}: persisting: {e}"));
+            return Err(NetError::Kernel {
+                op: op(),
+                source: e,
+            });
         }
         g.log.push(what);
         Ok(())
@@ -368,7 +461,42 @@ impl NetdevOps for SimNetdevOps {
 mod tests {
     use super::*;
     use crate::vfset::{apply_vf_config, check_vf_config, restore_vf_config, saved_from};
-    use vfplug_core::{MacAddr, VfConfig};
+    use vfplug_core::VfConfig;
+
+    /// What a crashed process applied is what the next one reads, and a restore is kept too.
+    #[test]
+    fn a_persistent_simulation_survives_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pf.json");
+        let first = SimVfNetlink::persistent(DriverProfile::default(), file.clone()).unwrap();
+        let saved = saved_from(&first.read_vf("ens1f0", 3).unwrap());
+        apply_vf_config(&first, "ens1f0", 3, &cfg(), &saved).unwrap();
+        let applied = first.read_vf("ens1f0", 3).unwrap();
+        assert_eq!(applied.vlan, 100);
+        drop(first);
+
+        let second = SimVfNetlink::persistent(DriverProfile::default(), file.clone()).unwrap();
+        assert_eq!(second.read_vf("ens1f0", 3).unwrap(), applied);
+        assert_eq!(
+            read_persisted(&file)
+                .unwrap()
+                .get(&("ens1f0".to_owned(), 3)),
+            Some(&applied)
+        );
+        restore_vf_config(&second, "ens1f0", 3, &saved, &cfg(), &[]).unwrap();
+        let back = read_persisted(&file).unwrap()[&("ens1f0".to_owned(), 3)].clone();
+        assert_eq!(back, SimVfNetlink::fresh());
+        assert!(
+            read_persisted(&dir.path().join("none.json"))
+                .unwrap()
+                .is_empty()
+        );
+        std::fs::write(&file, "{\"ens1f0\": {}}").unwrap();
+        assert!(
+            read_persisted(&file).is_err(),
+            "a key without a VF index is refused"
+        );
+    }
 
     fn cfg() -> VfConfig {
         VfConfig {

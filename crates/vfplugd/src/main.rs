@@ -111,6 +111,20 @@ struct Args {
     /// simulated PF kept in memory, for nodes without SR-IOV (demo, tests).
     #[arg(long, env = "VFPLUG_VF_NETLINK", value_enum, default_value_t = VfNetlinkArg::Netlink)]
     vf_netlink: VfNetlinkArg,
+    /// With `--vf-netlink simulated`: keep the simulated PF's VF settings in this file, so they
+    /// survive a restart or a crash of vfplugd as a real PF's would (tests, demo).
+    #[arg(long, env = "VFPLUG_SIM_PF_STATE")]
+    sim_pf_state: Option<PathBuf>,
+    /// FOR TESTS ONLY: hot-plug this QEMU device driver (e.g. `e1000e`) instead of `vfio-pci`
+    /// with the VF, same id and root port, no host device: runs the VM sagas against a real QEMU
+    /// on a host without VFIO. Never on a real node: the guest gets no VF.
+    #[arg(long, env = "VFPLUG_VM_STAND_IN_DEVICE")]
+    vm_stand_in_device: Option<String>,
+    /// FOR TESTS ONLY (crash injection): SIGKILL vfplugd at this named step of the attach or
+    /// detach saga; an unknown name refuses to start and lists the valid ones
+    /// (docs/vm-pods.md, "Crash safety").
+    #[arg(long, env = "VFPLUG_FAILPOINT")]
+    failpoint: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VFPLUG_LOG_JSON")]
     log_json: bool,
@@ -167,6 +181,33 @@ fn init_logging(json: bool) {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // First: a typo in a failpoint must stop vfplugd before anything runs.
+    if let Some(fp) =
+        vfplug_executor::failpoint::arm(args.failpoint.as_deref()).context("--failpoint")?
+    {
+        tracing::warn!(
+            failpoint = fp,
+            "FOR TESTS ONLY: vfplugd SIGKILLs itself at this step"
+        );
+    }
+    let vm_hostdev = match args.vm_stand_in_device.as_deref().map(str::trim) {
+        None => vfplug_executor::HostdevModel::VfioPci,
+        Some(d) if d.is_empty() || d.contains([',', '=', ' ']) => {
+            anyhow::bail!(
+                "--vm-stand-in-device {d:?}: give one QEMU device driver name, e.g. e1000e"
+            )
+        }
+        Some(d) => {
+            tracing::warn!(
+                driver = d,
+                "FOR TESTS ONLY: VMs get a stand-in {d} device instead of vfio-pci with the VF"
+            );
+            vfplug_executor::HostdevModel::StandIn(d.to_owned())
+        }
+    };
+    if args.sim_pf_state.is_some() && !matches!(args.vf_netlink, VfNetlinkArg::Simulated) {
+        anyhow::bail!("--sim-pf-state needs --vf-netlink simulated");
+    }
     let node_name = match args.node_name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -202,7 +243,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             VfNetlinkArg::Simulated => {
                 tracing::warn!("VF settings go to a simulated PF (--vf-netlink simulated)");
-                Arc::new(vfplug_host::sim::SimVfNetlink::default())
+                match &args.sim_pf_state {
+                    None => Arc::new(vfplug_host::sim::SimVfNetlink::default()),
+                    Some(f) => Arc::new(
+                        vfplug_host::sim::SimVfNetlink::persistent(
+                            vfplug_host::sim::DriverProfile::default(),
+                            f.clone(),
+                        )
+                        .with_context(|| format!("--sim-pf-state {}", f.display()))?,
+                    ),
+                }
             }
         },
         netdev_ops: Arc::new(
@@ -215,6 +265,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics_interval: vfplug_agent::options::defaults::METRICS_INTERVAL,
         unplug_wait: Duration::from_secs(args.unplug_wait_seconds),
         vm_port_prefix: args.vm_port_prefix,
+        vm_hostdev,
         qmp_trusted_uids: args.qmp_trusted_uids.into_iter().collect(),
         memlock: None,
     };

@@ -218,19 +218,7 @@ fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
 /// A fake node with one PF whose `n` VFs sit on vfio-pci in a vfio pool `vm`; returns the
 /// address of the first VF.
 fn vfio_node(root: &std::path::Path, n: u32) -> String {
-    let mut b = SysfsBuilder::new(&root.join("sys"));
-    b.pf("0000:af:00.0")
-        .driver("ice")
-        .netdev("ens1f0")
-        .vfs(n, |_| VfSpec::new().driver("vfio-pci"))
-        .build()
-        .unwrap();
-    std::fs::write(
-        root.join("config.yaml"),
-        "pools:\n  - name: vm\n    deviceMode: vfio\n    selectors: { pfNames: [ens1f0] }\n",
-    )
-    .unwrap();
-    b.vf_address("0000:af:00.0", 0).unwrap().to_string()
+    vfplug_host::fixture::vfio_node(root, n).unwrap()[0].to_string()
 }
 
 /// Starts vfplugd on [`vfio_node`]'s tree with its ledger in `state` and waits until its node
@@ -241,20 +229,15 @@ async fn spawn_vfplugd(
     extra: &[&str],
 ) -> std::process::Child {
     let sock = root.join("vfplugd.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vfplugd"))
-        .args(["--sysfs-root", root.join("sys").to_str().unwrap()])
-        .args(["--kubelet-dir", root.join("kubelet").to_str().unwrap()])
-        .args(["--state-dir", state.to_str().unwrap()])
-        .args(["--socket", sock.to_str().unwrap()])
-        .args(["--vf-netlink", "simulated"])
-        .args(["--config", root.join("config.yaml").to_str().unwrap()])
-        .args(["--device-info-dir", root.join("devinfo").to_str().unwrap()])
-        .args(["--http-addr", "127.0.0.1:0"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = vfplug_host::fixture::vfplugd_command(
+        std::path::Path::new(env!("CARGO_BIN_EXE_vfplugd")),
+        root,
+        state,
+    )
+    .args(extra)
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let t0 = Instant::now();
     while !sock.exists() {
         assert!(
@@ -477,4 +460,36 @@ async fn an_idle_node_api_client_does_not_hold_the_shutdown() {
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "socket removed");
     drop(idle);
+}
+
+/// A failpoint name with a typo, from the flag or the environment, stops vfplugd before it serves
+/// anything, and the error lists the valid names (a crash test must not silently test nothing).
+#[test]
+fn an_unknown_failpoint_refuses_to_start_and_lists_the_valid_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    vfio_node(root, 1);
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_vfplugd"));
+    let by_flag = vfplug_host::fixture::vfplugd_command(bin, root, &root.join("state"))
+        .args(["--failpoint", "attach-atached"])
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let by_env = vfplug_host::fixture::vfplugd_command(bin, root, &root.join("state"))
+        .env("VFPLUG_FAILPOINT", "attach-atached")
+        .output()
+        .unwrap();
+    for out in [by_flag, by_env] {
+        assert!(!out.status.success(), "{:?}", out.status);
+        let err = String::from_utf8_lossy(&out.stderr);
+        // (The log quotes the message, so the name's own quotes may be escaped.)
+        assert!(
+            err.contains("unknown failpoint") && err.contains("attach-atached"),
+            "{err}"
+        );
+        for (name, _) in vfplug_executor::failpoint::POINTS {
+            assert!(err.contains(name), "{name} not listed: {err}");
+        }
+        assert!(!root.join("vfplugd.sock").exists(), "it served");
+    }
 }

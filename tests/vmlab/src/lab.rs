@@ -158,6 +158,31 @@ pub fn decide(
     }
 }
 
+/// `vfplugd` and `vfplug`, built by `cargo` (a no-op when they are fresh, so a stale binary is
+/// never tested) into the target dir and profile of `sibling`, a binary of this package
+/// (`CARGO_BIN_EXE_*` exists only for a package's own bins). Returns (vfplugd, vfplug).
+pub fn host_binaries(cargo: &Path, sibling: &Path) -> Result<(PathBuf, PathBuf), LabError> {
+    let missing = |what: &str| LabError::Missing {
+        what: format!("{what} of {}", sibling.display()),
+    };
+    let profile_dir = sibling.parent().ok_or_else(|| missing("profile dir"))?;
+    let target_dir = profile_dir.parent().ok_or_else(|| missing("target dir"))?;
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", "vfplugd", "--bin", "vfplugd"])
+        .args(["-p", "vfplug-cni", "--bin", "vfplug", "--target-dir"])
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().map_err(|e| LabError::io(cargo, e))?;
+    if !st.success() {
+        return Err(LabError::Missing {
+            what: format!("building vfplugd and vfplug failed ({st})"),
+        });
+    }
+    Ok((profile_dir.join("vfplugd"), profile_dir.join("vfplug")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

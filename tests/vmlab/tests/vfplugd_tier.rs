@@ -20,19 +20,11 @@ use vfplug_vmlab::plugd::{NETDEV_MAC, NETDEV_VLAN, VFIO_VLAN};
 
 /// `vfplugd` and `vfplug` next to the agent, built (or found fresh) by cargo.
 fn host_binaries() -> (PathBuf, PathBuf) {
-    let agent = Path::new(env!("CARGO_BIN_EXE_vmlab-guest-agent"));
-    let profile_dir = agent.parent().expect("profile dir");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "-p", "vfplugd", "--bin", "vfplugd"])
-        .args(["-p", "vfplug-cni", "--bin", "vfplug", "--target-dir"])
-        .arg(target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let st = cmd.status().expect("run cargo");
-    assert!(st.success(), "building vfplugd and vfplug failed");
-    (profile_dir.join("vfplugd"), profile_dir.join("vfplug"))
+    vfplug_vmlab::lab::host_binaries(
+        Path::new(env!("CARGO")),
+        Path::new(env!("CARGO_BIN_EXE_vmlab-guest-agent")),
+    )
+    .expect("vfplugd and vfplug")
 }
 
 /// `bin` without its debug info, in `dir` (157 MB → ~32 MB for a debug vfplugd: staging it over
