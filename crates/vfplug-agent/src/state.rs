@@ -219,6 +219,7 @@ mod tests {
                     lease: l,
                     alias: "a".into(),
                     vm: vm.clone(),
+                    reason: None,
                 },
             ]
         };
