@@ -1426,7 +1426,7 @@ async fn wait_metric(n: &Node, line: &str) {
 }
 
 /// A VM pod's records over the node API, through the phases the scripted QEMU leads it into:
-/// attached, guest-error (the guest refuses the first unplug; its reason is shown), unplug
+/// pending and attaching (QEMU slow to answer), attached, guest-error (the guest refuses the first unplug; its reason is shown), unplug
 /// pending (the second unplug is acknowledged only after DEL's wait), then gone once Free. The
 /// filter, the metrics gauges, and a foreign client (Python grpcio) reading the same records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1463,14 +1463,18 @@ async fn a_vm_pods_records_follow_its_vf_over_the_node_api() {
         serde_json::Value::Array(v)
     };
     let gone = json!({"device": "vfplug-net1", "path": "/machine/peripheral/vfplug-net1"});
+    // QEMU is slow to answer twice, so the records can be read while the VF is pending (the
+    // ADD recorded the VM, nothing sent to QEMU yet) and while it is attaching.
     let server = Script::new()
         .expect("query-memory-size-summary")
+        .sleep(Duration::from_millis(800))
         .ret(json!({"base-memory": 1u64 << 30}))
         .expect("qom-list")
         .ret(ports(&[]))
         .expect("query-pci")
         .ret(json!([{"bus": 0, "devices": []}]))
         .expect("device_add")
+        .sleep(Duration::from_millis(800))
         .ok()
         .expect("qom-list")
         .ret(ports(&["vfplug-net1"]))
@@ -1502,14 +1506,36 @@ async fn a_vm_pods_records_follow_its_vf_over_the_node_api() {
         a.pod_name = "vm-r".into();
     }
     req.qmp_socket = "qmp/qmp.sock".into();
-    if let Err(e) = n.add(req).await {
-        panic!("{e:?}; QMP server: {:?}", server.await);
-    }
+    let mut c = n.client.clone();
+    let adding = tokio::spawn(async move { c.add(req).await });
 
     let records = |n: &mut Node, f: v1::VmRecordsRequest| {
         let mut c = n.client.clone();
         async move { c.vm_records(f).await.map(tonic::Response::into_inner) }
     };
+    // Seen while the ADD is under way: each phase lasts while QEMU waits (800 ms); bounded polls.
+    for (want, alias) in [
+        (v1::VmPhase::Pending, ""),
+        (v1::VmPhase::Attaching, "vfplug-net1"),
+    ] {
+        let mut seen = None;
+        for _ in 0..100 {
+            let r = records(&mut n, v1::VmRecordsRequest::default())
+                .await
+                .unwrap();
+            if let Some(h) = r.vms.first().and_then(|v| v.hostdevs.first())
+                && h.phase() == want
+            {
+                seen = Some((h.alias.clone(), r.vms[0].nets[0].phase()));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(seen, Some((alias.to_owned(), want)), "{want:?}");
+    }
+    if let Err(e) = adding.await.unwrap() {
+        panic!("{e:?}; QMP server: {:?}", server.await);
+    }
     let all = records(&mut n, v1::VmRecordsRequest::default())
         .await
         .unwrap();
