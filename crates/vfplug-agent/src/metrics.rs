@@ -40,6 +40,13 @@ pub struct CniOpLabel {
     pub result: String,
 }
 
+/// Labels of the VM gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// `pending`, `attaching`, `attached`, `unplug-pending`, `guest-error`, `releasing`.
+    pub phase: String,
+}
+
 /// Every metric vfplugd exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -59,6 +66,10 @@ pub struct Metrics {
     pub config_reload_errors: Counter,
     /// Node-API operations by result.
     pub cni: Family<CniOpLabel, Counter>,
+    /// VM pods' VFs per phase of the VM records (each one net; a hostdev but in `releasing`).
+    pub vm_devices: Family<PhaseLabel, Gauge>,
+    /// VM pods with at least one VF in their records.
+    pub vms: Gauge,
 }
 
 impl Metrics {
@@ -101,6 +112,16 @@ impl Metrics {
             "cni_operations",
             "Node-API (CNI) operations by result",
             self.cni.clone(),
+        );
+        r.register(
+            "vm_devices",
+            "VFs of VM pods per phase of their records (hostdev gone in releasing)",
+            self.vm_devices.clone(),
+        );
+        r.register(
+            "vms",
+            "VM pods with at least one VF in their records",
+            self.vms.clone(),
         );
         r.register(
             "config_reload_errors",

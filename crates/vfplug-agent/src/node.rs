@@ -3,7 +3,7 @@
 //! A thin adapter: each call's message is validated and converted to the executor's types
 //! (`vfplug_executor::cni`), the executor runs the saga, and the outcome (or its
 //! [`vfplug_executor::ErrorKind`], mapped to a CNI code in [`cni_code`]) is converted back.
-//! Queries that only read (STATUS, List, Lookup's answer) read the live ledger under the short
+//! Queries that only read (STATUS, List, VmRecords, Lookup's answer) read the live ledger under the short
 //! state lock and never wait for the disk.
 
 use std::collections::{BTreeSet, HashMap};
@@ -14,13 +14,14 @@ use tracing::{info, warn};
 use vfplug_api::CniCode;
 use vfplug_api::v1;
 use vfplug_core::ledger::{Owner, VfState};
+use vfplug_core::records::{ActualType, Phase, VmFilter, VmRecords, vm_records};
 use vfplug_core::{MacAddr, PciAddress, PodRef, PoolConfig, VfConfig, VfLinkState, VlanProto};
 use vfplug_executor::{AddRequest, CheckRequest, ErrorKind, ExecError, LedgerPort};
 use vfplug_host::net::{IpNet, RouteSpec};
 
 use crate::pools::resolve_pool;
 use crate::ports::AgentExecutor;
-use crate::ports::{facts, free_vfs};
+use crate::ports::{facts, free_vfs, pool_of_vf};
 use crate::state::{Shared, lock};
 
 /// How long a shutdown waits for node-API clients to finish their calls before closing them.
@@ -512,6 +513,25 @@ impl NodeService {
         v1::ListResponse { vfs }
     }
 
+    /// Every VM's records (or those the filter asks for), from the live ledger.
+    fn vm_records(&self, req: &v1::VmRecordsRequest) -> Result<v1::VmRecordsResponse, NodeError> {
+        let filter = VmFilter {
+            pod_uid: req.pod_uid.clone(),
+            namespace: req.pod_namespace.clone(),
+            name: req.pod_name.clone(),
+        };
+        filter
+            .validate()
+            .map_err(|e| NodeError::new(CniCode::InvalidConfig, e.to_string()))?;
+        let st = lock(&self.shared.state);
+        let vms = vm_records(&st.ledger, |pci| pool_of_vf(&st, *pci).cloned())
+            .into_iter()
+            .filter(|r| filter.matches(&r.vm))
+            .map(vm_record)
+            .collect();
+        Ok(v1::VmRecordsResponse { vms })
+    }
+
     async fn unquarantine(
         &self,
         req: &v1::UnquarantineRequest,
@@ -531,6 +551,55 @@ impl NodeService {
             pci_address: pci.to_string(),
             previous_reason: previous.unwrap_or_default(),
         })
+    }
+}
+
+fn vm_phase(p: Phase) -> v1::VmPhase {
+    match p {
+        Phase::Pending => v1::VmPhase::Pending,
+        Phase::Attaching => v1::VmPhase::Attaching,
+        Phase::Attached => v1::VmPhase::Attached,
+        Phase::UnplugPending => v1::VmPhase::UnplugPending,
+        Phase::GuestError => v1::VmPhase::GuestError,
+        Phase::Releasing => v1::VmPhase::Releasing,
+    }
+}
+
+fn vm_record(r: VmRecords) -> v1::VmRecord {
+    v1::VmRecord {
+        pod_namespace: r.vm.pod.namespace,
+        pod_name: r.vm.pod.name,
+        pod_uid: r.vm.pod.uid,
+        qmp_socket: r.vm.qmp_socket,
+        nets: r
+            .nets
+            .into_iter()
+            .map(|n| v1::NetRecord {
+                name: n.name,
+                network: n.network,
+                pool: n.pool.unwrap_or_default(),
+                mac: n.mac.map(|m| m.to_string()).unwrap_or_default(),
+                vlan: n.vlan.map(u32::from),
+                actual: Some(v1::ActualDevice {
+                    r#type: match n.actual.kind {
+                        ActualType::Hostdev => "hostdev".into(),
+                    },
+                    pci_address: n.actual.pci_address.to_string(),
+                }),
+                phase: vm_phase(n.phase).into(),
+            })
+            .collect(),
+        hostdevs: r
+            .hostdevs
+            .into_iter()
+            .map(|h| v1::HostdevRecord {
+                alias: h.alias.unwrap_or_default(),
+                pci_address: h.pci_address.to_string(),
+                parent_net: h.parent_net,
+                phase: vm_phase(h.phase).into(),
+                reason: h.reason.unwrap_or_default(),
+            })
+            .collect(),
     }
 }
 
@@ -587,6 +656,13 @@ impl v1::node_server::Node for NodeService {
         Ok(Response::new(
             NodeService::unquarantine(self, r.get_ref()).await?,
         ))
+    }
+
+    async fn vm_records(
+        &self,
+        r: Request<v1::VmRecordsRequest>,
+    ) -> Result<Response<v1::VmRecordsResponse>, Status> {
+        Ok(Response::new(NodeService::vm_records(self, r.get_ref())?))
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 use vfplug_core::ledger::VfState;
+use vfplug_core::records::{Phase, vm_vf};
 use vfplug_core::{
     Config, DeviceMode, Inventory, PciAddress, PfLinkDown, PoolConfig, VfInfo, assign_pools,
 };
@@ -15,7 +16,7 @@ use vfplug_host::driver::{DriverBinder, SysfsDriverBinder, VFIO_PCI};
 use vfplug_kubelet::plugin::{PluginDevice, PluginHandle, RegistrationMode, spawn_plugin};
 
 use crate::kubelet::PoolBackend;
-use crate::metrics::PoolState;
+use crate::metrics::{PhaseLabel, PoolState};
 use crate::options::Registration;
 use crate::state::{Shared, State, lock};
 
@@ -241,8 +242,32 @@ pub(crate) async fn bind_vfio_where_configured(shared: &Arc<Shared>) {
     }
 }
 
+/// The VM gauges, from the same projection the node API's VmRecords serves: VFs per phase (every
+/// phase set, zeros too, so a phase that empties reads 0) and VMs.
+fn update_vm_metrics(shared: &Shared, ledger: &vfplug_core::Ledger) {
+    let mut by_phase: BTreeMap<Phase, i64> = Phase::ALL.iter().map(|p| (*p, 0)).collect();
+    let mut vms = std::collections::BTreeSet::new();
+    for (_, s) in ledger.iter() {
+        if let Some(v) = vm_vf(s) {
+            *by_phase.entry(v.phase).or_default() += 1;
+            vms.insert(v.vm.qmp_socket.as_str());
+        }
+    }
+    for (phase, n) in by_phase {
+        shared
+            .metrics
+            .vm_devices
+            .get_or_create(&PhaseLabel {
+                phase: phase.as_str().to_owned(),
+            })
+            .set(n);
+    }
+    shared.metrics.vms.set(vms.len() as i64);
+}
+
 pub(crate) fn update_metrics(shared: &Shared, pools: &BTreeMap<String, PoolRuntime>) {
     let st = lock(&shared.state);
+    update_vm_metrics(shared, &st.ledger);
     shared.metrics.vfs.clear();
     shared.metrics.advertised.clear();
     for (resource, rt) in pools {

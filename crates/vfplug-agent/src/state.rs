@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tokio::sync::watch;
+use tracing::info;
 use vfplug_core::ledger::{Ledger, LedgerError, Record, VfState};
+use vfplug_core::records::{Phase, phase_change};
 use vfplug_core::{Config, Inventory, PciAddress};
 
 use crate::metrics::Metrics;
@@ -54,6 +56,25 @@ pub(crate) fn shown_free(s: Option<&VfState>) -> bool {
     }
 }
 
+/// One info line per change of a VM's VF in the VM's records (docs/vm-pods.md, "Records"): every
+/// executor step goes through [`Shared::commit_one`], so this sees them all, whichever saga,
+/// watcher or recovery made them.
+fn log_phase_change(r: &Record) {
+    if let Some(c) = phase_change(r) {
+        let phase = c.to.map_or("gone", Phase::as_str);
+        let from = c.from.map_or("none", Phase::as_str);
+        info!(
+            vm = %c.vm.pod,
+            qmp_socket = %c.vm.qmp_socket,
+            pci = %c.pci,
+            alias = c.alias.as_deref().unwrap_or(""),
+            phase,
+            from,
+            "VM hostdev phase"
+        );
+    }
+}
+
 /// Whether applying `r` can change what the kubelet is shown.
 fn affects_health(r: &Record) -> bool {
     match r {
@@ -86,6 +107,7 @@ impl Shared {
     /// held; await the ticket after dropping it, before acting on the record.
     pub(crate) fn commit_one(&self, st: &mut State, record: Record) -> Result<Ticket, LedgerError> {
         st.ledger.apply(&record)?;
+        log_phase_change(&record);
         self.mark_health(std::slice::from_ref(&record));
         Ok(self.journal.enqueue([record]))
     }
@@ -219,6 +241,7 @@ mod tests {
                     lease: l,
                     alias: "a".into(),
                     vm: vm.clone(),
+                    reason: None,
                 },
             ]
         };

@@ -50,6 +50,7 @@ struct Node {
     client: NodeClient<tonic::transport::Channel>,
     kubelet: FakeKubelet,
     tweak: Tweak,
+    registry: Option<Arc<prometheus_client::registry::Registry>>,
 }
 
 type Tweak = Arc<dyn Fn(&mut AgentOptions) + Send + Sync>;
@@ -114,6 +115,7 @@ impl Node {
             ),
             kubelet,
             tweak: Arc::new(tweak),
+            registry: None,
         };
         node.boot().await;
         node
@@ -129,6 +131,7 @@ impl Node {
         let agent = Agent::start(o, self.cancel.clone())
             .await
             .expect("agent starts");
+        self.registry = Some(agent.registry());
         self.task = Some(tokio::spawn(async move {
             agent.wait().await.expect("clean stop")
         }));
@@ -1488,4 +1491,274 @@ fn rustix_euid() -> u32 {
         use std::os::unix::fs::MetadataExt;
         m.uid()
     })
+}
+
+/// `vfplugd`'s Prometheus text, as `/metrics` serves it.
+fn metrics_text(n: &Node) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, n.registry.as_ref().unwrap()).unwrap();
+    out
+}
+
+/// Waits (bounded) until the metrics, recomputed every `metrics_interval`, show `line`.
+async fn wait_metric(n: &Node, line: &str) {
+    for _ in 0..200 {
+        if metrics_text(n).lines().any(|l| l == line) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("metrics never showed {line:?}:\n{}", metrics_text(n));
+}
+
+/// A VM pod's records over the node API, through the phases the scripted QEMU leads it into:
+/// pending and attaching (QEMU slow to answer), attached, guest-error (the guest refuses the first unplug; its reason is shown), unplug
+/// pending (the second unplug is acknowledged only after DEL's wait), then gone once Free. The
+/// filter, the metrics gauges, and a foreign client (Python grpcio) reading the same records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_pods_records_follow_its_vf_over_the_node_api() {
+    use serde_json::json;
+    use vfplug_host::vmpod::{FakeMemlock, MemlockLimit};
+    use vfplug_qmp::testing::Script;
+
+    let me = std::process::id();
+    let memlock = Arc::new(FakeMemlock::new([(me, MemlockLimit::both(64 << 20))]));
+    let mut n = Node::start_with(DriverProfile::default(), move |o| {
+        o.memlock = Some(memlock.clone());
+        o.qmp_trusted_uids.insert(rustix_euid());
+        o.metrics_interval = Duration::from_millis(20);
+        // The second unplug is acknowledged after this: DEL returns with it pending.
+        o.unplug_wait = Duration::from_millis(200);
+    })
+    .await;
+    let vf = n.vfs[5].clone();
+    let uid = "vm-r-uid";
+    let qmp_dir = n
+        .root
+        .join("kubelet/pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~empty-dir/qmp");
+    std::fs::create_dir_all(&qmp_dir).unwrap();
+    let ports = |extra: &[&str]| {
+        let mut v = vec![json!({"name": "vfplug-rp1", "type": "child<pcie-root-port>"})];
+        v.extend(
+            extra
+                .iter()
+                .map(|e| json!({"name": e, "type": "child<vfio-pci>"})),
+        );
+        serde_json::Value::Array(v)
+    };
+    let gone = json!({"device": "vfplug-net1", "path": "/machine/peripheral/vfplug-net1"});
+    // QEMU is slow to answer twice, so the records can be read while the VF is pending (the
+    // ADD recorded the VM, nothing sent to QEMU yet) and while it is attaching.
+    let server = Script::new()
+        .expect("query-memory-size-summary")
+        .sleep(Duration::from_millis(800))
+        .ret(json!({"base-memory": 1u64 << 30}))
+        .expect("qom-list")
+        .ret(ports(&[]))
+        .expect("query-pci")
+        .ret(json!([{"bus": 0, "devices": []}]))
+        .expect("device_add")
+        .sleep(Duration::from_millis(800))
+        .ok()
+        .expect("qom-list")
+        .ret(ports(&["vfplug-net1"]))
+        .expect_args("device_del", json!({"id": "vfplug-net1"}))
+        .ok()
+        .event("DEVICE_UNPLUG_GUEST_ERROR", gone.clone())
+        .expect_args("device_del", json!({"id": "vfplug-net1"}))
+        .ok()
+        .sleep(Duration::from_millis(600))
+        .event("DEVICE_DELETED", gone)
+        .listen(&qmp_dir.join("qmp.sock"))
+        .unwrap();
+
+    let ns = n.netns("vm-r");
+    let mut req = vfio_req(
+        "sb-vm-r",
+        &ns,
+        &vf,
+        v1::VfConfig {
+            mac: Some("02:00:00:00:00:77".into()),
+            vlan: Some(77),
+            ..Default::default()
+        },
+    );
+    {
+        let a = req.attachment.as_mut().unwrap();
+        a.pod_uid = uid.into();
+        a.pod_namespace = "ns".into();
+        a.pod_name = "vm-r".into();
+    }
+    req.qmp_socket = "qmp/qmp.sock".into();
+    let mut c = n.client.clone();
+    let adding = tokio::spawn(async move { c.add(req).await });
+
+    let records = |n: &mut Node, f: v1::VmRecordsRequest| {
+        let mut c = n.client.clone();
+        async move { c.vm_records(f).await.map(tonic::Response::into_inner) }
+    };
+    // Seen while the ADD is under way: each phase lasts while QEMU waits (800 ms); bounded polls.
+    for (want, alias) in [
+        (v1::VmPhase::Pending, ""),
+        (v1::VmPhase::Attaching, "vfplug-net1"),
+    ] {
+        let mut seen = None;
+        for _ in 0..100 {
+            let r = records(&mut n, v1::VmRecordsRequest::default())
+                .await
+                .unwrap();
+            if let Some(h) = r.vms.first().and_then(|v| v.hostdevs.first())
+                && h.phase() == want
+            {
+                seen = Some((h.alias.clone(), r.vms[0].nets[0].phase()));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(seen, Some((alias.to_owned(), want)), "{want:?}");
+    }
+    if let Err(e) = adding.await.unwrap() {
+        panic!("{e:?}; QMP server: {:?}", server.await);
+    }
+    let all = records(&mut n, v1::VmRecordsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(all.vms.len(), 1, "{all:?}");
+    let vm = &all.vms[0];
+    assert_eq!(
+        (
+            vm.pod_namespace.as_str(),
+            vm.pod_name.as_str(),
+            vm.pod_uid.as_str()
+        ),
+        ("ns", "vm-r", uid)
+    );
+    assert!(vm.qmp_socket.ends_with("/qmp/qmp.sock"), "{vm:?}");
+    assert_eq!(vm.nets.len(), 1);
+    let net = &vm.nets[0];
+    assert_eq!(
+        (
+            net.name.as_str(),
+            net.network.as_str(),
+            net.pool.as_str(),
+            net.mac.as_str(),
+            net.vlan
+        ),
+        (
+            "net1",
+            "net-a",
+            "vfplug.io/vm",
+            "02:00:00:00:00:77",
+            Some(77)
+        )
+    );
+    let actual = net.actual.as_ref().unwrap();
+    assert_eq!(
+        (actual.r#type.as_str(), actual.pci_address.as_str()),
+        ("hostdev", vf.as_str())
+    );
+    assert_eq!(net.phase(), v1::VmPhase::Attached);
+    assert_eq!(vm.hostdevs.len(), 1);
+    let h = &vm.hostdevs[0];
+    assert_eq!(
+        (
+            h.alias.as_str(),
+            h.pci_address.as_str(),
+            h.parent_net.as_str()
+        ),
+        ("vfplug-net1", vf.as_str(), "net1")
+    );
+    assert_eq!(h.phase(), v1::VmPhase::Attached);
+    wait_metric(&n, r#"vfplug_vm_devices{phase="attached"} 1"#).await;
+    wait_metric(&n, "vfplug_vms 1").await;
+
+    // Filters: by UID, by namespace and name; another pod's, none; a name alone is refused.
+    let f = |uid: &str, ns: &str, name: &str| v1::VmRecordsRequest {
+        pod_uid: uid.into(),
+        pod_namespace: ns.into(),
+        pod_name: name.into(),
+    };
+    for (q, want) in [
+        (f(uid, "", ""), 1),
+        (f("", "ns", "vm-r"), 1),
+        (f("", "ns", ""), 1),
+        (f("other-uid", "", ""), 0),
+        (f("", "ns", "vm-x"), 0),
+    ] {
+        let got = records(&mut n, q.clone()).await.unwrap();
+        assert_eq!(got.vms.len(), want, "{q:?}");
+    }
+    let e = records(&mut n, f("", "", "vm-r")).await.unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&e).0, 7, "{}", e.message());
+    assert!(e.message().contains("namespace"), "{}", e.message());
+
+    // The guest refuses the first unplug: DEL is "try again", the records say why.
+    let del = v1::DelRequest {
+        attachment: Some(v1::Attachment {
+            pod_uid: uid.into(),
+            ..att("sb-vm-r", "net1")
+        }),
+        ..Default::default()
+    };
+    let e = n.client.del(del.clone()).await.unwrap_err();
+    assert_eq!(vfplug_api::cni_code_of(&e).0, 11, "{}", e.message());
+    let now = records(&mut n, v1::VmRecordsRequest::default())
+        .await
+        .unwrap();
+    let h = &now.vms[0].hostdevs[0];
+    assert_eq!(h.phase(), v1::VmPhase::GuestError);
+    assert!(h.reason.contains("DEVICE_UNPLUG_GUEST_ERROR"), "{h:?}");
+    assert_eq!(now.vms[0].nets[0].phase(), v1::VmPhase::GuestError);
+    wait_metric(&n, r#"vfplug_vm_devices{phase="guest-error"} 1"#).await;
+    wait_metric(&n, r#"vfplug_vm_devices{phase="attached"} 0"#).await;
+
+    // A reader nobody here wrote sees the same records.
+    if let Some(py) = vfplug_kubelet::foreign::PythonGrpc::find(
+        "a_vm_pods_records_follow_its_vf_over_the_node_api",
+    ) {
+        let v = py
+            .call(
+                vfplug_kubelet::foreign::Service::Node,
+                &n.root.join("vfplugd.sock"),
+                "localhost",
+            )
+            .await
+            .unwrap();
+        let want = json!([{
+            "pod": ["ns", "vm-r", uid],
+            "qmp_socket": now.vms[0].qmp_socket,
+            "nets": [{"name": "net1", "network": "net-a", "pool": "vfplug.io/vm",
+                      "mac": "02:00:00:00:00:77", "vlan": 77,
+                      "actual": ["hostdev", vf], "phase": "VM_PHASE_GUEST_ERROR"}],
+            "hostdevs": [{"alias": "vfplug-net1", "pci_address": vf, "parent_net": "net1",
+                          "phase": "VM_PHASE_GUEST_ERROR", "reason": h.reason}],
+        }]);
+        assert_eq!(v["vms"], want, "python saw {v}");
+    }
+
+    // The second unplug is acknowledged late: pending, then gone with the VF Free.
+    let d = n.client.del(del).await.unwrap().into_inner();
+    assert!(!d.released, "{d:?}");
+    let now = records(&mut n, v1::VmRecordsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        now.vms[0].hostdevs[0].phase(),
+        v1::VmPhase::UnplugPending,
+        "{now:?}"
+    );
+    assert_eq!(
+        now.vms[0].hostdevs[0].reason, "",
+        "the next detach clears it"
+    );
+    wait_state(&mut n, &vf, "free").await;
+    let after = records(&mut n, v1::VmRecordsRequest::default())
+        .await
+        .unwrap();
+    assert!(after.vms.is_empty(), "{after:?}");
+    wait_metric(&n, "vfplug_vms 0").await;
+    wait_metric(&n, r#"vfplug_vm_devices{phase="unplug-pending"} 0"#).await;
+    drop(server);
 }

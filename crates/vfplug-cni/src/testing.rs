@@ -187,6 +187,17 @@ impl node_server::Node for Svc {
         ))
     }
 
+    /// The CNI shim never asks for VM records (the controller and operators do); refused so a
+    /// test that reaches it fails.
+    async fn vm_records(
+        &self,
+        _r: Request<v1::VmRecordsRequest>,
+    ) -> Result<Response<v1::VmRecordsResponse>, Status> {
+        Err(Status::unimplemented(
+            "the CNI shim has no business reading VM records",
+        ))
+    }
+
     /// The fake never remembers an earlier ADD: every ADD is a first one. Not recorded, so the
     /// call lists tests inspect are those that act.
     async fn lookup(

@@ -165,6 +165,10 @@ pub enum VfState {
         alias: String,
         /// Which VM.
         vm: VmRef,
+        /// Why the last unplug failed (the guest refused it), set by `UnplugFailed` and gone
+        /// with the next `Detach`. Older logs lack it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// `device_del` sent, waiting for `DEVICE_DELETED` (or QEMU exit).
     Detaching {
@@ -321,7 +325,10 @@ pub enum Step {
     /// `Detaching → Detaching`: `device_del` sent again.
     DetachRetry,
     /// `Detaching → Attached`: `DEVICE_UNPLUG_GUEST_ERROR`, the guest refused.
-    UnplugFailed,
+    UnplugFailed {
+        /// Why, as shown in the VM's records until the next detach.
+        reason: String,
+    },
     /// `Detaching → Releasing`: `DEVICE_DELETED` (or QEMU exited).
     Detached,
     /// `Reserved | Configured → Releasing`: give it back without any guest involved.
@@ -337,7 +344,7 @@ impl Step {
             Self::AttachFailed => "roll back attach",
             Self::Detach { .. } => "detach",
             Self::DetachRetry => "retry detach",
-            Self::UnplugFailed => "mark unplug failed",
+            Self::UnplugFailed { .. } => "mark unplug failed",
             Self::Detached => "mark detached",
             Self::BeginRelease => "begin release",
         }
@@ -591,6 +598,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
                 lease: b,
                 alias: y,
                 vm: w,
+                reason: None,
             },
         ) => a == b && x == y && v == w,
         (Attaching { lease: a, .. }, Configured { lease: b }) => a == b,
@@ -604,6 +612,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
                 lease: a,
                 alias: x,
                 vm: v,
+                ..
             },
             Detaching {
                 lease: b,
@@ -640,6 +649,7 @@ fn check_transition(pci: PciAddress, from: &VfState, to: &VfState) -> Result<(),
                 lease: b,
                 alias: y,
                 vm: w,
+                ..
             },
         ) => a == b && x == y && v == w,
         (Detaching { lease: a, .. }, Releasing { lease: b }) => a == b,
@@ -902,6 +912,7 @@ impl Ledger {
                 lease,
                 alias: alias.clone(),
                 vm: vm.clone(),
+                reason: None,
             },
             (Attaching { .. }, Step::AttachFailed) => Configured { lease },
             (
@@ -930,10 +941,11 @@ impl Ledger {
                 since_ms: *since_ms,
                 attempts: attempts.checked_add(1).ok_or_else(invalid)?,
             },
-            (Detaching { alias, vm, .. }, Step::UnplugFailed) => Attached {
+            (Detaching { alias, vm, .. }, Step::UnplugFailed { reason }) => Attached {
                 lease,
                 alias: alias.clone(),
                 vm: vm.clone(),
+                reason: Some(reason.clone()),
             },
             (Detaching { .. }, Step::Detached) => Releasing { lease },
             (Reserved { .. } | Configured { .. }, Step::BeginRelease) => Releasing { lease },

@@ -7,7 +7,7 @@
 //! [`assign_pools`]), [`alloc`] (GetPreferredAllocation policies: [`preferred`]) and [`ledger`]
 //! (who owns each VF, with fencing tokens and write-ahead [`Record`]s; the state machine of
 //! DESIGN.md §4) and [`vfconf`] (what a CNI attachment asks of a VF and what the ledger keeps
-//! of it). Adapters (`vfplug-host`, `vfplug-kubelet`, `vfplug-agent`) do the I/O and call
+//! of it), and [`records`] (each VM's nets and hostdevs, projected from the ledger). Adapters (`vfplug-host`, `vfplug-kubelet`, `vfplug-agent`) do the I/O and call
 //! into these types.
 
 pub mod alloc;
@@ -16,6 +16,7 @@ pub mod device;
 pub mod ident;
 pub mod ledger;
 pub mod pci;
+pub mod records;
 pub mod selector;
 pub mod vfconf;
 
@@ -31,6 +32,7 @@ pub use ledger::{
     VfState,
 };
 pub use pci::{PciAddress, PciAddressError};
+pub use records::{HostdevRecord, NetRecord, Phase, VmFilter, VmRecords, vm_records};
 pub use selector::{
     PfNameSelector, RootDeviceSelector, Selectors, VfIndexError, VfIndexSet, assign_pools, pool_of,
 };

@@ -118,7 +118,13 @@ fn full_vm_lifecycle_and_replay() {
     }
     // Guest refused: back to Attached, same alias and VM.
     commit(&mut l, &mut log, |l| {
-        l.plan_advance(p, t, Step::UnplugFailed)
+        l.plan_advance(
+            p,
+            t,
+            Step::UnplugFailed {
+                reason: "guest said no".into(),
+            },
+        )
     });
     assert_eq!(l.get(&p).unwrap().kind(), StateKind::Attached);
     commit(&mut l, &mut log, |l| {
@@ -334,6 +340,7 @@ fn apply_rejects_corrupt_or_reordered_records() {
             },
             alias: "x".into(),
             vm: vm("v"),
+            reason: None,
         },
     };
     assert!(matches!(
@@ -522,7 +529,9 @@ fn step(n: u8, t: u64) -> Step {
         3 => Step::AttachFailed,
         4 => Step::Detach { since_ms: t },
         5 => Step::DetachRetry,
-        6 => Step::UnplugFailed,
+        6 => Step::UnplugFailed {
+            reason: "refused".into(),
+        },
         7 => Step::Detached,
         _ => Step::BeginRelease,
     }

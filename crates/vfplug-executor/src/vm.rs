@@ -678,7 +678,16 @@ impl<L: LedgerPort> Executor<L> {
             Ok(UnplugOutcome::GuestError) => {
                 warn!(%pci, %alias, %vm, "the guest refused the unplug; the device stays attached");
                 self.ledger
-                    .commit(|l| l.plan_advance(pci, token, Step::UnplugFailed))
+                    .commit(|l| {
+                        let reason = "the guest refused the unplug (DEVICE_UNPLUG_GUEST_ERROR)";
+                        l.plan_advance(
+                            pci,
+                            token,
+                            Step::UnplugFailed {
+                                reason: reason.into(),
+                            },
+                        )
+                    })
                     .await?;
                 Ok(VmDetach::GuestRefused)
             }
@@ -766,6 +775,7 @@ impl<L: LedgerPort> Executor<L> {
                         lease,
                         alias,
                         vm: v,
+                        ..
                     } if v.qmp_socket == vm.qmp_socket => {
                         Some((*pci, lease.token, alias.clone(), false))
                     }

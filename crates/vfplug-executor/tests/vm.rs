@@ -282,7 +282,13 @@ async fn the_guest_refusing_keeps_the_device_attached() {
             .await
             .unwrap();
     assert_eq!(d, VmDetach::GuestRefused);
-    assert!(matches!(state(&v.s, 0), VfState::Attached { .. }));
+    // Attached again, with the refusal on record for the VM's records (guest-error).
+    match state(&v.s, 0) {
+        VfState::Attached {
+            reason: Some(r), ..
+        } => assert!(r.contains("DEVICE_UNPLUG_GUEST_ERROR"), "{r}"),
+        s => panic!("{s:?}"),
+    }
     assert_eq!(token(&v.s, 0), t);
 }
 

@@ -21,7 +21,7 @@ pub enum Service {
     /// `v1beta1.DevicePlugin`: GetDevicePluginOptions, the first ListAndWatch message,
     /// GetPreferredAllocation, Allocate.
     DevicePlugin,
-    /// `vfplug.v1.Node`: List, Status.
+    /// `vfplug.v1.Node`: List, Status, VmRecords (every VM's records, phases by enum name).
     Node,
 }
 

@@ -1,7 +1,7 @@
 """A foreign gRPC client (Python grpcio) for vfplugd's unix sockets.
 
 Generates stubs from the repository's proto/ at run time and calls either the device-plugin
-service (--service deviceplugin) or the node API (--service node) over a unix socket, with the
+service (--service deviceplugin) or the node API (--service node: List, Status, VmRecords) over a unix socket, with the
 :authority chosen by --authority:
   path       the raw socket path (what kubelets before 1.26 and grpcio/grpc-java send)
   percent    the socket path percent-encoded
@@ -83,8 +83,19 @@ def node(pb, rpc, ch, timeout):
     stub = rpc.NodeStub(ch)
     lst = stub.List(pb.ListRequest(), timeout=timeout)
     st = stub.Status(pb.StatusRequest(), timeout=timeout)
+    recs = stub.VmRecords(pb.VmRecordsRequest(), timeout=timeout)
+    # Phases by their enum names, as a reader of the proto sees them.
+    phase = pb.VmPhase.Name
+    vms = [{"pod": [v.pod_namespace, v.pod_name, v.pod_uid], "qmp_socket": v.qmp_socket,
+            "nets": [{"name": n.name, "network": n.network, "pool": n.pool, "mac": n.mac,
+                      "vlan": n.vlan, "actual": [n.actual.type, n.actual.pci_address],
+                      "phase": phase(n.phase)} for n in v.nets],
+            "hostdevs": [{"alias": h.alias, "pci_address": h.pci_address,
+                          "parent_net": h.parent_net, "phase": phase(h.phase),
+                          "reason": h.reason} for h in v.hostdevs]}
+           for v in recs.vms]
     return {"vfs": [v.pci_address for v in lst.vfs], "status_reason": st.reason,
-            "status_free": st.free}
+            "status_free": st.free, "vms": vms}
 
 
 def main():
