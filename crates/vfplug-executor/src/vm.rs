@@ -181,8 +181,8 @@ fn unknown_outcome(alias: &str, e: &QmpError) -> ExecError {
     ExecError::new(
         ErrorKind::TryAgain,
         format!(
-            "QMP lost while adding {alias}; whether the guest has it is unknown until vfplugd \
-             reconnects: {e}"
+            "no answer from QMP while adding {alias}; whether the guest has it is unknown until \
+             vfplugd reconnects: {e}"
         ),
     )
 }
@@ -586,8 +586,9 @@ impl<L: LedgerPort> Executor<L> {
     }
 
     /// Root ports (by id prefix) with nothing behind them, from `qom-list` (which ports exist)
-    /// and `query-pci` (what sits behind each), minus the ports of devices whose attach is under
-    /// way (not yet visible to `query-pci` before the guest's firmware enumerates them).
+    /// and `query-pci` (what sits behind each). Two attaches into one VM at once may pick the
+    /// same port: QEMU refuses the second `device_add` ("in use"/"occupied") and the attach
+    /// tries the next port.
     async fn free_ports(&self, link: &VmLink, prefix: &str) -> Result<Vec<String>, ExecError> {
         let ids = link
             .qmp
@@ -663,9 +664,19 @@ impl<L: LedgerPort> Executor<L> {
                     .detached_locked(pci, token, "QEMU is not running")
                     .await;
             }
+            // QEMU may be there (hung, or busy with another client) and the device in its
+            // guest: nothing was asked of it, so nothing would finish the detach by itself.
+            // The caller fails (a CNI DEL answers 11 and the runtime retries it); the VF stays
+            // `Detaching`, which the next connection's reconcile also picks up.
             Err(e) => {
-                warn!(%pci, %vm, error = %e, "QMP unreachable during detach; it stays pending");
-                return Ok(VmDetach::Pending);
+                warn!(%pci, %vm, error = %e, "QMP unreachable during detach; try again");
+                return Err(ExecError::new(
+                    ErrorKind::TryAgain,
+                    format!(
+                        "unplug of VF {pci} from VM {vm} not sent, QMP unreachable: {}",
+                        e.msg
+                    ),
+                ));
             }
         };
         match link.qmp.device_del_and_wait(&alias, wait).await {
@@ -704,9 +715,22 @@ impl<L: LedgerPort> Executor<L> {
                         self.detached_locked(pci, token, "QEMU is not running")
                             .await
                     }
-                    _ => {
+                    // Reconnected: the new connection's reconcile re-sends the unplug if QEMU
+                    // still has the device, and its watcher finishes it on the event.
+                    Ok(_) => {
                         warn!(%pci, %vm, error = %e, "QMP lost during detach; it stays pending");
                         Ok(VmDetach::Pending)
+                    }
+                    Err(e2) => {
+                        warn!(%pci, %vm, error = %e2, "QMP lost during detach and not regained");
+                        Err(ExecError::new(
+                            ErrorKind::TryAgain,
+                            format!(
+                                "unplug of VF {pci} from VM {vm}: QMP lost ({e}) and not \
+                                 regained: {}",
+                                e2.msg
+                            ),
+                        ))
                     }
                 }
             }
@@ -850,6 +874,17 @@ impl<L: LedgerPort> Executor<L> {
                         .await
                 {
                     debug!(%pci, error = %e, "reconcile: not marked attached");
+                }
+                // An unplug asked on a connection that was lost (or never sent): ask again.
+                // QEMU answers "already in the process of unplug" if it has it; the watcher
+                // finishes the removal on DEVICE_DELETED.
+                if matches!(state, Some(VfState::Detaching { .. })) {
+                    match link.qmp.device_del(&alias).await {
+                        Ok(o) => {
+                            debug!(%pci, %alias, outcome = ?o, "reconcile: unplug asked again")
+                        }
+                        Err(e) => warn!(%pci, %alias, error = %e, "reconcile: unplug not asked"),
+                    }
                 }
             } else {
                 drop(held);

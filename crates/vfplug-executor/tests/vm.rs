@@ -522,12 +522,20 @@ impl Vm {
 }
 
 /// The connection drops after `device_del` was sent, before any reply or event, while QEMU is
-/// still running: the detach stays pending (nothing restored, the VF held). When QEMU answers
-/// again, the reconnect's `qom-list` diff proves the removal and the VF is freed; when it does
-/// not, the VF stays Detaching.
+/// still running: nothing is restored and the VF stays held. When QEMU answers again, the
+/// reconnect's `qom-list` diff proves the removal (the guest let go meanwhile), or finds the
+/// device still there and asks for the unplug again, finished by the event; when QEMU does not
+/// answer again, the DEL fails with "try again" (the runtime retries it) and the VF stays
+/// Detaching.
 #[tokio::test]
 async fn a_disconnect_mid_detach_stays_pending_until_a_reconnect_proves_the_removal() {
-    for qemu_answers_again in [true, false] {
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Then {
+        GuestLetGo,
+        StillInGuest,
+        NoAnswer,
+    }
+    for then in [Then::GuestLetGo, Then::StillInGuest, Then::NoAnswer] {
         let host = pci(0).to_string();
         let script = attach_script(Script::new(), &host)
             .expect_args("device_del", json!({"id": "vfplug-net1"}))
@@ -535,38 +543,39 @@ async fn a_disconnect_mid_detach_stays_pending_until_a_reconnect_proves_the_remo
         let v = start(script).await;
         let t = attach(&v.s, 0).await;
         v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap();
-        let _again = if qemu_answers_again {
-            // The guest let go meanwhile: the id is gone from QEMU.
-            Some(
+        let reconnect =
+            Script::new().expect_args("qom-list", json!({"path": "/machine/peripheral"}));
+        let _again = match then {
+            Then::GuestLetGo => Some(v.next_connection(reconnect.ret(peripherals(&[]))).await),
+            Then::StillInGuest => Some(
                 v.next_connection(
-                    Script::new()
-                        .expect_args("qom-list", json!({"path": "/machine/peripheral"}))
-                        .ret(peripherals(&[])),
+                    reconnect
+                        .ret(peripherals(&["vfplug-net1"]))
+                        .expect_args("device_del", json!({"id": "vfplug-net1"}))
+                        .ok()
+                        .event(
+                            "DEVICE_DELETED",
+                            json!({"device": "vfplug-net1",
+                                   "path": "/machine/peripheral/vfplug-net1"}),
+                        ),
                 )
                 .await,
-            )
-        } else {
-            None
+            ),
+            Then::NoAnswer => None,
         };
-        let d =
-            v.s.exec
-                .vm_detach(pci(0), t, Duration::from_secs(5))
-                .await
-                .unwrap();
-        assert_eq!(
-            d,
-            VmDetach::Pending,
-            "qemu_answers_again={qemu_answers_again}"
-        );
-        if qemu_answers_again {
-            wait_state(&v.s, 0, |s| *s == VfState::Free).await;
-            assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 0);
-        } else {
+        let d = v.s.exec.vm_detach(pci(0), t, Duration::from_secs(5)).await;
+        if then == Then::NoAnswer {
+            let e = d.unwrap_err();
+            assert_eq!(e.kind, vfplug_executor::ErrorKind::TryAgain, "{e}");
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert!(matches!(state(&v.s, 0), VfState::Detaching { .. }));
             assert_eq!(token(&v.s, 0), t);
             assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 42);
             assert!(v.s.binder.ops().is_empty(), "{:?}", v.s.binder.ops());
+        } else {
+            assert_eq!(d.unwrap(), VmDetach::Pending, "{then:?}");
+            wait_state(&v.s, 0, |s| *s == VfState::Free).await;
+            assert_eq!(v.s.pf.read_vf("ens1f1", 0).unwrap().vlan, 0, "{then:?}");
         }
     }
 }
