@@ -120,6 +120,7 @@ pub async fn run_l1(
         &mut vm,
         t0,
         Duration::from_secs(180),
+        Duration::from_secs(10),
         "still booting L1",
         |l| l.starts_with(&ready),
     )
@@ -130,9 +131,15 @@ pub async fn run_l1(
     }
     f.record("sriov.l1_boot_to_ready", t0.elapsed());
     let exit = format!("{L1_PREFIX} EXIT");
-    let done = follow(&mut vm, t0, r.budget, "L1 agent at work", |l| {
-        l.starts_with(&exit)
-    })
+    // The agent narrates its own slow steps; this only covers its silences.
+    let done = follow(
+        &mut vm,
+        t0,
+        r.budget,
+        Duration::from_secs(30),
+        "L1 agent at work",
+        |l| l.starts_with(&exit),
+    )
     .await;
     f.record(r.total_figure, t0.elapsed());
     if let Err(e) = done {
@@ -168,11 +175,12 @@ fn stamp(since: Duration) -> String {
 }
 
 /// Waits (at most `within`) for the serial line `done` accepts, printing every agent line on the
-/// way as it appears (`SAY` lines as plain text) and `<quiet>… N s` after 10 s without one.
+/// way as it appears (`SAY` lines as plain text) and `<quiet>… N s` after `every` without one.
 async fn follow(
     vm: &mut Vm,
     t0: Instant,
     within: Duration,
+    every: Duration,
     quiet: &str,
     done: impl Fn(&str) -> bool,
 ) -> Result<String, LabError> {
@@ -181,7 +189,7 @@ async fn follow(
     loop {
         let left = within.saturating_sub(start.elapsed());
         let next = vm
-            .wait_serial(quiet, left.min(Duration::from_secs(10)), |l| {
+            .wait_serial(quiet, left.min(every), |l| {
                 done(l) || l.starts_with(AGENT_PREFIX)
             })
             .await;
