@@ -95,7 +95,7 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     /// Parses `--sysfs P --numvfs N --qemu P --workdir P --l2-kernel P --l2-initrd P
-    /// --phases prelaunch,linux,vfconfig,vfplugd,vmpod,vmpod-linux --vmpod-ram-mb 256,1024` (all
+    /// --phases prelaunch,linux,vfconfig,vfplugd,vmpod,vmpod-linux --vmpod-ram-mb 256,512` (all
     /// optional; defaults suit the L1 guest).
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentArgs, String> {
         let mut a = AgentArgs {
@@ -110,7 +110,7 @@ impl AgentArgs {
                 vfplugd: "/lab/vfplugd".into(),
                 cni: "/lab/vfplug".into(),
             },
-            vmpod_ram_mb: vec![256, 1024],
+            vmpod_ram_mb: vec![256, 512],
         };
         let mut it = args.into_iter();
         while let Some(k) = it.next() {
@@ -826,7 +826,7 @@ mod tests {
         assert_eq!(a.numvfs, 3);
         assert_eq!(a.phases, [Phase::Prelaunch, Phase::Linux, Phase::VfConfig]);
         assert_eq!(a.sysfs, PathBuf::from("/fake"));
-        assert_eq!(d.vmpod_ram_mb, [256, 1024]);
+        assert_eq!(d.vmpod_ram_mb, [256, 512]);
         let v = parse("--phases vmpod,vmpod-linux --vmpod-ram-mb 512,2048").unwrap();
         assert_eq!(v.phases, [Phase::VmPod, Phase::VmPodLinux]);
         assert_eq!(v.vmpod_ram_mb, [512, 2048]);

@@ -501,8 +501,68 @@ async fn prelaunch_pods(
         } else {
             late_event(node, &pod, &a, line_before, ram).await?;
         }
+        if n + 1 == args.vmpod_ram_mb.len() {
+            qemu_gone_before_del(node, &mut pod, ram, before).await?;
+        }
         pod.vm.kill().await;
     }
+    Ok(())
+}
+
+/// The pod is torn down: QEMU is killed with the VF in it, then the runtime's DEL comes. A QEMU
+/// that is not running proves the device is in no guest: the DEL finalizes at once. (What the
+/// VM watcher did on QEMU's exit, before the DEL, is reported, not asserted: `before_del=`.)
+async fn qemu_gone_before_del(
+    node: &Node<'_>,
+    pod: &mut Pod,
+    ram: u32,
+    before: &[String],
+) -> Step<()> {
+    let step = "vmpod-qemu-gone";
+    let e = |x: String| format!("{step}: {x}");
+    let a = add(
+        node,
+        pod,
+        ram,
+        "vmpod-add-again",
+        &format!("vmpod.cni_add_again_{ram}mb"),
+    )
+    .await?;
+    say("L2's QEMU is killed with the VF in it (pod teardown), then the runtime's CNI DEL");
+    pod.vm.kill().await;
+    // Long enough for vfplugd's watcher to see the connection end (it is woken by it).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before_del = plugd::listed(&a.vf).await.map_err(e)?;
+    let prev = format!(",\"prevResult\":{}", a.add_result);
+    let t = Instant::now();
+    node.cni(pod)
+        .ok("DEL", &pod.name, &vm_config(&pod.devinfo, &prev))
+        .map_err(e)?;
+    figure("vmpod.cni_del_qemu_gone", t.elapsed());
+    // No polling: QEMU not running is proof, so the DEL itself finalized.
+    let listed = plugd::expect_listed(&a.vf, "free", None).await.map_err(e)?;
+    let line = plugd::vf_line(&node.pf_dev, a.index).map_err(e)?;
+    if line != before[a.index as usize] {
+        return Err(e(format!(
+            "vf {} not restored: before {:?}, now {line:?}",
+            a.index, before[a.index as usize]
+        )));
+    }
+    let drv = plugd::driver(node.sys, &a.vf).map_err(e)?;
+    if drv != "vfio-pci" {
+        return Err(e(format!("{} is on {drv}, not vfio-pci", a.vf)));
+    }
+    let before_state = before_del.split_whitespace().next().unwrap_or_default();
+    pass(
+        step,
+        &format!(
+            "vf={} before_del={before_state} driver={drv} restored=true {listed}",
+            a.vf
+        ),
+    );
+    say(&format!(
+        "  after QEMU's exit vfplugd had the VF {before_state}; the DEL freed it at once: {listed}"
+    ));
     Ok(())
 }
 
