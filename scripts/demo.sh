@@ -41,4 +41,4 @@ echo "   Both run under TCG (no KVM), so L2 boots in minutes; [time] = seconds s
 # `make vm-test TIER=sriov-full` shows everything.
 VMLAB_TIER=sriov-full VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture \
     --test-threads 1 -E 'test(vm_pod_unplug_acknowledged_by_l2_linux)' 2>&1 |
-    grep --line-buffered -v -e 'LOG vfplugd: ' -e '^VMLAB FIGURE ' -e '^| '
+    grep --line-buffered -v -e 'LOG vfplugd: ' -e '^VMLAB FIGURE ' -e '^|'
