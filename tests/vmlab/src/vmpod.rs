@@ -487,24 +487,50 @@ async fn prelaunch_pods(
         let mut pod = start_pod(args, n as u32, ram, false)
             .await
             .map_err(|x| format!("{step}: {x}"))?;
-        let a = add(
-            node,
-            &pod,
-            ram,
-            &format!("vmpod-add-{ram}mb"),
-            &format!("vmpod.cni_add_{ram}mb"),
-        )
-        .await?;
-        let line_before = &before[a.index as usize];
-        if n == 0 {
-            crash_between_del_and_deleted(node, &pod, &a, line_before, daemon).await?;
-        } else {
-            late_event(node, &pod, &a, line_before, ram).await?;
+        let last = n + 1 == args.vmpod_ram_mb.len();
+        let r = one_prelaunch_pod(node, &mut pod, n, ram, last, before, daemon).await;
+        if r.is_err() {
+            l2_diagnostics(&mut pod.vm);
         }
-        if n + 1 == args.vmpod_ram_mb.len() {
-            qemu_gone_before_del(node, &mut pod, ram, before).await?;
-        }
+        r?;
         pod.vm.kill().await;
+    }
+    Ok(())
+}
+
+/// L2's serial tail, QEMU's stderr and whether it still runs, as `LOG l2:` lines: a QEMU that
+/// died under a step says why only there.
+fn l2_diagnostics(vm: &mut Vm) {
+    for l in vm.diagnostics().lines() {
+        println!("{} LOG l2: {l}", crate::agent::AGENT_PREFIX);
+    }
+}
+
+async fn one_prelaunch_pod(
+    node: &Node<'_>,
+    pod: &mut Pod,
+    n: usize,
+    ram: u32,
+    last: bool,
+    before: &[String],
+    daemon: &mut Option<Daemon>,
+) -> Step<()> {
+    let a = add(
+        node,
+        pod,
+        ram,
+        &format!("vmpod-add-{ram}mb"),
+        &format!("vmpod.cni_add_{ram}mb"),
+    )
+    .await?;
+    let line_before = &before[a.index as usize];
+    if n == 0 {
+        crash_between_del_and_deleted(node, pod, &a, line_before, daemon).await?;
+    } else {
+        late_event(node, pod, &a, line_before, ram).await?;
+    }
+    if last {
+        qemu_gone_before_del(node, pod, ram, before).await?;
     }
     Ok(())
 }
@@ -685,6 +711,21 @@ async fn linux_pod(
     let mut pod = start_pod(args, 9, 256, true)
         .await
         .map_err(|x| format!("vmpod-linux-l2: {x}"))?;
+    let r = linux_pod_steps(node, &mut pod, before, daemon).await;
+    if r.is_err() {
+        l2_diagnostics(&mut pod.vm);
+    }
+    r?;
+    pod.vm.kill().await;
+    Ok(())
+}
+
+async fn linux_pod_steps(
+    node: &Node<'_>,
+    pod: &mut Pod,
+    before: &[String],
+    daemon: &mut Option<Daemon>,
+) -> Step<()> {
     // Before vfplugd owns the VFs: the lab's own hotplug of VF 0 (bound by the agent).
     say(
         "the lab's own hotplug first (vfplug-qmp, no vfplugd): VF 0 in, guest sees it, guest acks the unplug",
@@ -699,7 +740,7 @@ async fn linux_pod(
 
     say("vfplugd starts in L1 on the igb VFs (a vfio pool, bindVfio)");
     daemon_ready(node, daemon, "vmpod-ready").await?;
-    let a = add(node, &pod, 256, "vmpod-linux-add", "vmpod.linux.cni_add").await?;
+    let a = add(node, pod, 256, "vmpod-linux-add", "vmpod.linux.cni_add").await?;
     let plus = format!("{GUEST_PREFIX} PCI+");
     let t = Instant::now();
     let seen = wait_serial_progress(
@@ -753,13 +794,13 @@ async fn linux_pod(
     ));
     let prev = format!(",\"prevResult\":{}", a.add_result);
     let t = Instant::now();
-    node.cni(&pod)
+    node.cni(pod)
         .ok("DEL", &pod.name, &vm_config(&pod.devinfo, &prev))
         .map_err(e)?;
     let took = t.elapsed();
     figure("vmpod.linux.cni_del", took);
     // No polling: the DEL itself must have finished the removal.
-    let free = check_free(node, &pod, &a, &before[a.index as usize])
+    let free = check_free(node, pod, &a, &before[a.index as usize])
         .await
         .map_err(e)?;
     let minus = format!("{GUEST_PREFIX} PCI-");
@@ -776,7 +817,6 @@ async fn linux_pod(
         took.as_secs_f64(),
         gone.trim()
     ));
-    pod.vm.kill().await;
     Ok(())
 }
 
