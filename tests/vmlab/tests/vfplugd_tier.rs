@@ -3,8 +3,9 @@
 //! driven by the guest agent's `vfplugd` phase (`vfplug_vmlab::plugd`). Run with
 //! `make vm-test TIER=sriov`.
 //!
-//! The binaries: [`l1::host_binaries`] has `lab::host_binaries` build `vfplugd` and `vfplug` into the agent's
-//! target dir and profile (a no-op when they are fresh), strips them and they are staged in /lab.
+//! The binaries: [`l1::host_binaries`] has `lab::host_binaries` build `vfplugd` and `vfplug`
+//! into the agent's target dir and profile (a no-op when they are fresh), strips them, and they
+//! are staged in /lab.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
