@@ -17,6 +17,10 @@
 //!
 //! The `vfplugd` phase ([`crate::plugd`]) runs the real vfplugd and the real `vfplug` CNI binary
 //! on the VFs (created with autoprobe on for it, so igbvf has them, as on a default node).
+//!
+//! The `vmpod` and `vmpod-linux` phases ([`crate::vmpod`]) make L2 a VM pod: its QMP socket in a
+//! pod volume under vfplugd's kubelet dir; vfplugd hot-plugs a VF into it through the CNI binary.
+//! `VMLAB-AGENT SAY <text>` lines narrate those phases for a human (the demo).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -57,6 +61,13 @@ pub enum Phase {
     VfConfig,
     /// The real vfplugd and `vfplug` CNI binary on VF 0 (netdev pool) and VF 1 (vfio pool).
     Vfplugd,
+    /// L2 in prelaunch as a VM pod: vfplugd hot-plugs a VF through the CNI binary; a DEL left
+    /// pending, vfplugd SIGKILLed, `system_reset`, the restart finishes the removal; then the
+    /// attach again for each further `--vmpod-ram-mb`.
+    VmPod,
+    /// L2 boots Linux as a VM pod: the lab's own hotplug (as [`Phase::Linux`]), then vfplugd's
+    /// hotplug through the CNI binary and a DEL that the guest's acknowledgement finalizes.
+    VmPodLinux,
 }
 
 /// The agent's command line: `--key value` pairs.
@@ -78,11 +89,14 @@ pub struct AgentArgs {
     pub phases: Vec<Phase>,
     /// The host-built vfplugd and `vfplug` CNI binary (for [`Phase::Vfplugd`]).
     pub plugd: Binaries,
+    /// L2's RAM for each attach of [`Phase::VmPod`], in MiB (the first VFIO device pins it all).
+    pub vmpod_ram_mb: Vec<u32>,
 }
 
 impl AgentArgs {
     /// Parses `--sysfs P --numvfs N --qemu P --workdir P --l2-kernel P --l2-initrd P
-    /// --phases prelaunch,linux,vfconfig` (all optional; defaults suit the L1 guest).
+    /// --phases prelaunch,linux,vfconfig,vfplugd,vmpod,vmpod-linux --vmpod-ram-mb 256,512` (all
+    /// optional; defaults suit the L1 guest).
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentArgs, String> {
         let mut a = AgentArgs {
             sysfs: "/sys".into(),
@@ -96,6 +110,7 @@ impl AgentArgs {
                 vfplugd: "/lab/vfplugd".into(),
                 cni: "/lab/vfplug".into(),
             },
+            vmpod_ram_mb: vec![256, 512],
         };
         let mut it = args.into_iter();
         while let Some(k) = it.next() {
@@ -117,7 +132,18 @@ impl AgentArgs {
                             "linux" => Ok(Phase::Linux),
                             "vfconfig" => Ok(Phase::VfConfig),
                             "vfplugd" => Ok(Phase::Vfplugd),
+                            "vmpod" => Ok(Phase::VmPod),
+                            "vmpod-linux" => Ok(Phase::VmPodLinux),
                             other => Err(format!("unknown phase {other:?}")),
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                "--vmpod-ram-mb" => {
+                    a.vmpod_ram_mb = v
+                        .split(',')
+                        .map(|m| match m.parse::<u32>() {
+                            Ok(n) if n >= 64 => Ok(n),
+                            _ => Err(format!("--vmpod-ram-mb: {m:?} is not a size >= 64 (MiB)")),
                         })
                         .collect::<Result<_, _>>()?
                 }
@@ -126,6 +152,9 @@ impl AgentArgs {
         }
         if a.numvfs == 0 {
             return Err("--numvfs must be at least 1".into());
+        }
+        if a.vmpod_ram_mb.is_empty() {
+            return Err("--vmpod-ram-mb needs at least one size".into());
         }
         Ok(a)
     }
@@ -143,6 +172,35 @@ pub(crate) fn figure(name: &str, d: Duration) {
 
 pub(crate) fn pass(step: &str, detail: &str) {
     println!("{AGENT_PREFIX} PASS {step} {detail}");
+}
+
+/// A line for a human following the run (the demo prints these with their time).
+pub(crate) fn say(text: &str) {
+    println!("{AGENT_PREFIX} SAY {text}");
+}
+
+/// [`Vm::wait_serial`], with a `SAY` progress line every 10 s (`<label>… 40 s`): slow TCG boots
+/// must not look like a hang to a human.
+pub(crate) async fn wait_serial_progress(
+    vm: &mut Vm,
+    what: &str,
+    total: Duration,
+    label: &str,
+    pred: impl Fn(&str) -> bool,
+) -> Result<String, crate::LabError> {
+    let t = Instant::now();
+    loop {
+        let left = total.saturating_sub(t.elapsed());
+        match vm
+            .wait_serial(what, left.min(Duration::from_secs(10)), &pred)
+            .await
+        {
+            Err(crate::LabError::Timeout { .. }) if t.elapsed() < total => {
+                say(&format!("{label}… {} s", t.elapsed().as_secs()));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Runs every step; returns whether all passed. Each step prints its own line.
@@ -168,10 +226,12 @@ async fn run_steps(args: &AgentArgs) -> Step<()> {
 
     // The L2 phases want VF 0 driverless for vfio-pci; vfplugd wants them on igbvf, as a node
     // with the default autoprobe has them.
-    let l2 = args
-        .phases
-        .iter()
-        .any(|p| matches!(p, Phase::Prelaunch | Phase::Linux));
+    let l2 = args.phases.iter().any(|p| {
+        matches!(
+            p,
+            Phase::Prelaunch | Phase::Linux | Phase::VmPod | Phase::VmPodLinux
+        )
+    });
     let autoprobe = args.phases.contains(&Phase::Vfplugd);
     let t = Instant::now();
     let vfs = sys
@@ -205,6 +265,8 @@ async fn run_steps(args: &AgentArgs) -> Step<()> {
             Phase::Linux => linux(args, &vf).await?,
             Phase::VfConfig => vf_config(&sys, &pf, args.numvfs - 1)?,
             Phase::Vfplugd => plugd::run(&sys, &pf, &vfs, &args.plugd).await?,
+            Phase::VmPod => crate::vmpod::run(args, &sys, &pf, &vfs, false).await?,
+            Phase::VmPodLinux => crate::vmpod::run(args, &sys, &pf, &vfs, true).await?,
         }
     }
     if !l2 {
@@ -249,7 +311,7 @@ fn l2_lab(args: &AgentArgs) -> Lab {
     }
 }
 
-async fn start_l2(args: &AgentArgs, name: &str, cfg: &VmConfig) -> Step<(Vm, Qmp)> {
+pub(crate) async fn start_l2(args: &AgentArgs, name: &str, cfg: &VmConfig) -> Step<(Vm, Qmp)> {
     let dir = args.workdir.join(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{name}: {}: {e}", dir.display()))?;
     let t = Instant::now();
@@ -351,27 +413,59 @@ async fn prelaunch(args: &AgentArgs, vf: &PciAddress, other_vf: Option<&PciAddre
     Ok(())
 }
 
-async fn linux(args: &AgentArgs, vf: &PciAddress) -> Step<()> {
-    let step = "l2-linux";
+/// L2's tiny Linux guest (256 MiB), booted with `port_prefix` root ports and `extra` QEMU
+/// arguments; returns once the guest says READY (TCG inside TCG: about two minutes).
+pub(crate) async fn boot_l2_linux(
+    args: &AgentArgs,
+    step: &str,
+    port_prefix: &str,
+    extra: Vec<String>,
+) -> Step<(Vm, Qmp)> {
     let cfg = VmConfig {
         memory_mb: 256,
         kernel: Some(args.l2_kernel.clone()),
         initrd: Some(args.l2_initrd.clone()),
+        port_prefix: port_prefix.into(),
+        extra,
         ..VmConfig::default()
     };
     let (mut vm, qmp) = start_l2(args, step, &cfg).await?;
-    let e = |what: &str, err: &dyn std::fmt::Display| format!("{step}: {what}: {err}");
     let t = Instant::now();
     let ready = format!("{GUEST_PREFIX} READY");
-    vm.wait_serial("L2 READY", Duration::from_secs(400), |l| {
-        l.starts_with(&ready)
-    })
+    say("booting L2 Linux (TCG inside TCG: about two minutes)");
+    wait_serial_progress(
+        &mut vm,
+        "L2 READY",
+        Duration::from_secs(400),
+        "still booting L2",
+        |l| l.starts_with(&ready),
+    )
     .await
-    .map_err(|x| e("L2 boot", &x))?;
+    .map_err(|x| format!("{step}: L2 boot: {x}"))?;
     figure("l2.linux.boot", t.elapsed());
+    say(&format!(
+        "L2 Linux is up after {:.0} s",
+        t.elapsed().as_secs_f64()
+    ));
+    Ok((vm, qmp))
+}
 
+async fn linux(args: &AgentArgs, vf: &PciAddress) -> Step<()> {
+    let step = "l2-linux";
+    let (mut vm, qmp) = boot_l2_linux(args, step, "rp", Vec::new()).await?;
+    linux_direct(&mut vm, &qmp, vf, "rp1").await?;
+    vm.kill().await;
+    Ok(())
+}
+
+/// The lab's own hotplug into a running L2 Linux through vfplug-qmp (not vfplugd): VF `vf` as
+/// `hostdev0` into `port`, seen by the guest, unplugged with the guest's acknowledgement.
+/// Leaves L2 running, its serial consumed up to the guest's removal line.
+pub(crate) async fn linux_direct(vm: &mut Vm, qmp: &Qmp, vf: &PciAddress, port: &str) -> Step<()> {
+    let step = "l2-linux";
+    let e = |what: &str, err: &dyn std::fmt::Display| format!("{step}: {what}: {err}");
     let t = Instant::now();
-    qmp.device_add(&vfio_device(vf, "hostdev0", "rp1"))
+    qmp.device_add(&vfio_device(vf, "hostdev0", port))
         .await
         .map_err(|x| e("device_add vfio-pci", &x))?;
     figure("l2.linux.vfio_device_add", t.elapsed());
@@ -404,7 +498,6 @@ async fn linux(args: &AgentArgs, vf: &PciAddress) -> Step<()> {
     })
     .await
     .map_err(|x| e("L2 removal", &x))?;
-    vm.kill().await;
     pass(
         step,
         &format!("vf={vf} guest={} unplug=DEVICE_DELETED", seen.trim()),
@@ -733,6 +826,10 @@ mod tests {
         assert_eq!(a.numvfs, 3);
         assert_eq!(a.phases, [Phase::Prelaunch, Phase::Linux, Phase::VfConfig]);
         assert_eq!(a.sysfs, PathBuf::from("/fake"));
+        assert_eq!(d.vmpod_ram_mb, [256, 512]);
+        let v = parse("--phases vmpod,vmpod-linux --vmpod-ram-mb 512,2048").unwrap();
+        assert_eq!(v.phases, [Phase::VmPod, Phase::VmPodLinux]);
+        assert_eq!(v.vmpod_ram_mb, [512, 2048]);
     }
 
     #[test]
@@ -741,6 +838,8 @@ mod tests {
         assert!(parse("--numvfs 0").is_err());
         assert!(parse("--phases warp").unwrap_err().contains("warp"));
         assert!(parse("--bogus 1").unwrap_err().contains("--bogus"));
+        assert!(parse("--vmpod-ram-mb 256,x").unwrap_err().contains("\"x\""));
+        assert!(parse("--vmpod-ram-mb 32").is_err());
     }
     /// `ip link show` of a PF as iproute2 6.1 prints it (one VF configured, one fresh).
     const IP_LINK: &str = "2: enp1s0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc mq state UP mode DEFAULT group default qlen 1000

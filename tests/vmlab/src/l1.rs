@@ -1,7 +1,9 @@
 //! Running the sriov tiers' L1 guest: q35 + emulated VT-d + an `igb` PF, the host's /usr shared
 //! read-only and a run directory shared as /lab, with `vmlab-guest-agent` started by `run.sh`.
 //! [`run_l1`] stages the run directory, boots L1, waits for the agent to finish and returns the
-//! agent's report lines and figures; each tier test then asserts on the lines.
+//! agent's report lines and figures; each tier test then asserts on the lines. The agent's lines
+//! are printed as they appear, with the time since L1 was started, and a progress line every
+//! 10 s without news: slow TCG runs (the demo) must be followable by a human.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -114,15 +116,31 @@ pub async fn run_l1(
     let cfg = l1_config(lab, run_dir, &initrd, r.memory_mb);
     let mut vm = Vm::spawn(lab, &cfg, vm_dir)?;
     let ready = format!("{L1_PREFIX} READY");
-    vm.wait_serial("L1 READY", Duration::from_secs(180), |l| {
-        l.starts_with(&ready)
-    })
-    .await?;
+    let booted = follow(
+        &mut vm,
+        t0,
+        Duration::from_secs(180),
+        Duration::from_secs(10),
+        "still booting L1",
+        |l| l.starts_with(&ready),
+    )
+    .await;
+    if let Err(e) = booted {
+        vm.kill().await;
+        return Err(e);
+    }
     f.record("sriov.l1_boot_to_ready", t0.elapsed());
     let exit = format!("{L1_PREFIX} EXIT");
-    let done = vm
-        .wait_serial("L1 agent finished", r.budget, |l| l.starts_with(&exit))
-        .await;
+    // The agent narrates its own slow steps; this only covers its silences.
+    let done = follow(
+        &mut vm,
+        t0,
+        r.budget,
+        Duration::from_secs(30),
+        "L1 agent at work",
+        |l| l.starts_with(&exit),
+    )
+    .await;
     f.record(r.total_figure, t0.elapsed());
     if let Err(e) = done {
         vm.kill().await;
@@ -136,7 +154,6 @@ pub async fn run_l1(
         .collect();
     let figure = format!("{AGENT_PREFIX} FIGURE ");
     for l in &lines {
-        println!("{l}");
         if let Some(rest) = l.strip_prefix(&figure) {
             let mut it = rest.split_whitespace();
             if let (Some(name), Some(ms)) = (it.next(), it.next().and_then(|v| v.parse().ok())) {
@@ -145,8 +162,95 @@ pub async fn run_l1(
         }
     }
     // Power-off is QEMU's exit; do not leave it running if it hangs.
+    // (The agent's lines were printed as they came, by `follow`.)
     if vm.wait_exit(Duration::from_secs(30)).await.is_err() {
         vm.kill().await;
     }
     Ok((lines, f))
+}
+
+/// `[  12.3s] ` for a line printed `since` after L1's start.
+fn stamp(since: Duration) -> String {
+    format!("[{:>6.1}s]", since.as_secs_f64())
+}
+
+/// Waits (at most `within`) for the serial line `done` accepts, printing every agent line on the
+/// way as it appears (`SAY` lines as plain text) and `<quiet>… N s` after `every` without one.
+async fn follow(
+    vm: &mut Vm,
+    t0: Instant,
+    within: Duration,
+    every: Duration,
+    quiet: &str,
+    done: impl Fn(&str) -> bool,
+) -> Result<String, LabError> {
+    let start = Instant::now();
+    let say = format!("{AGENT_PREFIX} SAY ");
+    loop {
+        let left = within.saturating_sub(start.elapsed());
+        let next = vm
+            .wait_serial(quiet, left.min(every), |l| {
+                done(l) || l.starts_with(AGENT_PREFIX)
+            })
+            .await;
+        match next {
+            Ok(l) if done(&l) => return Ok(l),
+            Ok(l) => match l.strip_prefix(&say) {
+                Some(text) => println!("{} {text}", stamp(t0.elapsed())),
+                None => println!("{} {l}", stamp(t0.elapsed())),
+            },
+            Err(LabError::Timeout { .. }) if start.elapsed() < within => {
+                println!(
+                    "{} {quiet}… {} s",
+                    stamp(t0.elapsed()),
+                    start.elapsed().as_secs()
+                );
+            }
+            Err(LabError::Timeout { tail, .. }) => {
+                return Err(LabError::Timeout {
+                    what: quiet.into(),
+                    after: within,
+                    tail,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The host-built `vfplugd` and `vfplug` CNI binary for L1, next to the agent `agent` (tests pass
+/// `env!("CARGO_BIN_EXE_vmlab-guest-agent")`), without debug info, in `into`.
+///
+/// Built by [`crate::lab::host_binaries`] (a no-op when they are fresh). Stripping (`objcopy --strip-debug`: 157 MB → ~32 MB for a debug vfplugd) matters
+/// because 9p under TCG reads ~13 MB/s; without `objcopy` the binaries are staged as they are.
+pub fn host_binaries(agent: &Path, into: &Path) -> Result<(PathBuf, PathBuf), LabError> {
+    let (vfplugd, cni) = crate::lab::host_binaries(Path::new(env!("CARGO")), agent)?;
+    let strip = |bin: PathBuf| -> PathBuf {
+        let Some(name) = bin.file_name() else {
+            return bin;
+        };
+        let to = into.join(name);
+        let ok = std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&bin)
+            .arg(&to)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            to
+        } else {
+            println!(
+                "VMLAB NOTE: objcopy failed or missing; staging {} unstripped",
+                bin.display()
+            );
+            bin
+        }
+    };
+    Ok((strip(vfplugd), strip(cni)))
+}
+
+/// The detail of step `step`'s `PASS` line in the agent's report, if there is one.
+pub fn pass_detail<'a>(lines: &'a [String], step: &str) -> Option<&'a str> {
+    let p = format!("{AGENT_PREFIX} PASS {step} ");
+    lines.iter().find_map(|l| l.strip_prefix(&p))
 }

@@ -11,6 +11,7 @@
 //! * [`l1`]: booting the sriov tiers' L1 guest with the guest agent and collecting its report;
 //! * [`qmp`]: connecting vfplug-qmp to a just-started QEMU (retries until the socket answers);
 //! * [`plugd`]: the agent's `vfplugd` phase (vfplugd and the CNI plugin on the real VFs);
+//! * [`vmpod`]: the agent's `vmpod` phases (vfplugd hot-plugs a VF into L2 as a VM pod);
 //! * [`sriov`]: the lab's own sysfs steps in L1 (finding the PF, creating VFs, IOMMU groups);
 //! * [`timing`]: the figures the tiers measure and print.
 //!
@@ -28,6 +29,7 @@ pub mod qmp;
 pub mod sriov;
 pub mod timing;
 pub mod vm;
+pub mod vmpod;
 
 use std::path::Path;
 use std::time::Duration;

@@ -25,7 +25,7 @@ use crate::sriov::Sysfs;
 type Step<T> = Result<T, String>;
 
 /// vfplugd's files in L1 (tmpfs: unix sockets do not work on the 9p share).
-const DIR: &str = "/tmp/vfplugd";
+pub(crate) const DIR: &str = "/tmp/vfplugd";
 /// The pod's netns, made with `ip netns add`.
 const NETNS: &str = "labpod";
 /// Settings the netdev ADD asks for; the test on the host checks them in the PASS lines.
@@ -39,7 +39,7 @@ const VFIO_POOL: &str = "lab_vfio";
 /// host-local in the host's /usr (Debian's containernetworking-plugins), if installed.
 const HOST_LOCAL_DIR: &str = "/usr/lib/cni";
 /// At most this many lines of vfplugd's log are copied to the serial console.
-const LOG_LINES: usize = 400;
+pub(crate) const LOG_LINES: usize = 400;
 
 /// Paths of the two host-built binaries in L1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,11 +50,11 @@ pub struct Binaries {
     pub cni: PathBuf,
 }
 
-fn sock() -> PathBuf {
+pub(crate) fn sock() -> PathBuf {
     Path::new(DIR).join("vfplugd.sock")
 }
 
-fn log_path() -> PathBuf {
+pub(crate) fn log_path() -> PathBuf {
     Path::new(DIR).join("vfplugd.log")
 }
 
@@ -95,32 +95,48 @@ pub fn vfio_config() -> String {
     )
 }
 
-struct Cni<'a> {
-    bin: &'a Path,
+/// The `vfplug` CNI binary, exec'd as a runtime does: into `netns`, for pods named by their
+/// container ID, with `K8S_POD_UID` when the pod is a VM pod (its volumes are found by UID).
+pub(crate) struct Cni<'a> {
+    pub(crate) bin: &'a Path,
+    /// The pod's netns name (`ip netns add`).
+    pub(crate) netns: &'a str,
+    /// `K8S_POD_UID` for `CNI_ARGS`, if any.
+    pub(crate) pod_uid: Option<&'a str>,
 }
 
 /// One exec of the plugin: exit status, stdout, stderr.
-struct CniOut {
-    ok: bool,
-    stdout: String,
-    stderr: String,
+pub(crate) struct CniOut {
+    pub(crate) ok: bool,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-impl Cni<'_> {
+impl<'a> Cni<'a> {
+    /// The plugin for the container pods of the `vfplugd` phase (netns [`NETNS`], no UID).
+    pub(crate) fn new(bin: &'a Path) -> Self {
+        Cni {
+            bin,
+            netns: NETNS,
+            pod_uid: None,
+        }
+    }
+
     /// Execs the plugin with only what a runtime sets (`CNI_*` and a `PATH`).
-    fn run(&self, command: &str, container: &str, stdin: &str) -> Step<CniOut> {
+    pub(crate) fn run(&self, command: &str, container: &str, stdin: &str) -> Step<CniOut> {
+        let mut args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME={container}");
+        if let Some(uid) = self.pod_uid {
+            args.push_str(&format!(";K8S_POD_UID={uid}"));
+        }
         let mut child = Command::new(self.bin)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container)
-            .env("CNI_NETNS", format!("/var/run/netns/{NETNS}"))
+            .env("CNI_NETNS", format!("/var/run/netns/{}", self.netns))
             .env("CNI_IFNAME", "net1")
             .env("CNI_PATH", HOST_LOCAL_DIR)
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME={container}"),
-            )
+            .env("CNI_ARGS", args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -141,7 +157,7 @@ impl Cni<'_> {
     }
 
     /// Runs `command` and fails the step unless the plugin exits 0.
-    fn ok(&self, command: &str, container: &str, stdin: &str) -> Step<String> {
+    pub(crate) fn ok(&self, command: &str, container: &str, stdin: &str) -> Step<String> {
         let o = self.run(command, container, stdin)?;
         if o.ok {
             Ok(o.stdout)
@@ -155,7 +171,7 @@ impl Cni<'_> {
     }
 }
 
-fn ip(args: &[&str]) -> Step<String> {
+pub(crate) fn ip(args: &[&str]) -> Step<String> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -189,7 +205,7 @@ fn in_pod(args: &[&str]) -> Step<String> {
 }
 
 /// The `vf N` line of `ip link show <pf>`.
-fn vf_line(pf_dev: &str, vf: u32) -> Step<String> {
+pub(crate) fn vf_line(pf_dev: &str, vf: u32) -> Step<String> {
     let out = ip(&["link", "show", "dev", pf_dev])?;
     iproute2_vf_line(&out, vf)
         .map(str::to_owned)
@@ -197,7 +213,7 @@ fn vf_line(pf_dev: &str, vf: u32) -> Step<String> {
 }
 
 /// iproute2's VF line must show exactly `want` (MAC, VLAN, QoS, rates, spoofchk, trust).
-fn vf_line_is(pf_dev: &str, vf: u32, want: &VfSettings) -> Step<String> {
+pub(crate) fn vf_line_is(pf_dev: &str, vf: u32, want: &VfSettings) -> Step<String> {
     let line = vf_line(pf_dev, vf)?;
     let bad = iproute2_mismatches(&line, want);
     if bad.is_empty() {
@@ -218,19 +234,15 @@ fn netdevs(sys: &Sysfs, dev: &PciAddress) -> Vec<String> {
     v
 }
 
-fn driver(sys: &Sysfs, vf: &PciAddress) -> Step<String> {
+pub(crate) fn driver(sys: &Sysfs, vf: &PciAddress) -> Step<String> {
     sys.driver(vf)
         .map_err(|e| e.to_string())
         .map(|d| d.unwrap_or_else(|| "none".into()))
 }
 
-/// vfplugd's `List`, on a connection of its own that is closed on return: a runtime of its own
-/// on a thread of its own, dropped at the end. (A connection left open by a runtime that is not
-/// polled, as the agent's is while it waits for processes, would hold up vfplugd's graceful
-/// shutdown, which waits for its clients to go.)
 /// Waits (30 s at most) until `vf` is on `want`: vfplugd binds a bindVfio pool's VFs when the
 /// pool starts, which need not be done when STATUS first says ready.
-fn wait_driver(sys: &Sysfs, vf: &PciAddress, want: &str) -> Step<String> {
+pub(crate) fn wait_driver(sys: &Sysfs, vf: &PciAddress, want: &str) -> Step<String> {
     let t = Instant::now();
     loop {
         let d = driver(sys, vf)?;
@@ -244,7 +256,11 @@ fn wait_driver(sys: &Sysfs, vf: &PciAddress, want: &str) -> Step<String> {
     }
 }
 
-async fn list(sock: &Path) -> Step<Vec<VfEntry>> {
+/// vfplugd's `List`, on a connection of its own that is closed on return: a runtime of its own
+/// on a thread of its own, dropped at the end. (A connection left open by a runtime that is not
+/// polled, as the agent's is while it waits for processes, would hold up vfplugd's graceful
+/// shutdown, which waits for its clients to go.)
+pub(crate) async fn list(sock: &Path) -> Step<Vec<VfEntry>> {
     let sock = sock.to_path_buf();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -267,7 +283,7 @@ async fn list(sock: &Path) -> Step<Vec<VfEntry>> {
 }
 
 /// `state/pool/owner` of `vf` in vfplugd's `List`.
-async fn listed(vf: &PciAddress) -> Step<String> {
+pub(crate) async fn listed(vf: &PciAddress) -> Step<String> {
     let vfs = list(&sock()).await?;
     let want = vf.to_string();
     let e = vfs
@@ -283,7 +299,11 @@ async fn listed(vf: &PciAddress) -> Step<String> {
     ))
 }
 
-async fn expect_listed(vf: &PciAddress, state: &str, owner: Option<&str>) -> Step<String> {
+pub(crate) async fn expect_listed(
+    vf: &PciAddress,
+    state: &str,
+    owner: Option<&str>,
+) -> Step<String> {
     let got = listed(vf).await?;
     let mut ok = got.starts_with(&format!("state={state} "));
     if let Some(o) = owner {
@@ -297,12 +317,13 @@ async fn expect_listed(vf: &PciAddress, state: &str, owner: Option<&str>) -> Ste
 }
 
 /// vfplugd as a child process, its log appended to [`log_path`].
-struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
 }
 
 impl Daemon {
-    fn start(bin: &Path) -> Step<Daemon> {
+    /// vfplugd with the lab's paths (all under [`DIR`]) and `extra` arguments.
+    pub(crate) fn start(bin: &Path, extra: &[&str]) -> Step<Daemon> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -317,6 +338,7 @@ impl Daemon {
             .args(["--config", &d("config.yaml")])
             .args(["--device-info-dir", &d("devinfo"), "--cdi-dir", &d("cdi")])
             .args(["--http-addr", "127.0.0.1:9464"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
@@ -327,7 +349,7 @@ impl Daemon {
     }
 
     /// SIGTERM (through the host's `kill`: this crate has no unsafe), then wait for the exit.
-    fn stop(&mut self) -> Step<String> {
+    pub(crate) fn stop(&mut self) -> Step<String> {
         let Some(mut c) = self.child.take() else {
             return Ok("not running".into());
         };
@@ -347,8 +369,19 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL, as a crash: no shutdown path runs. Returns the exit status.
+    pub(crate) fn crash(&mut self) -> Step<String> {
+        let Some(mut c) = self.child.take() else {
+            return Err("vfplugd not running".into());
+        };
+        c.kill().map_err(|e| format!("SIGKILL vfplugd: {e}"))?;
+        c.wait()
+            .map(|st| st.to_string())
+            .map_err(|e| format!("reaping vfplugd: {e}"))
+    }
+
     /// Fails if vfplugd has exited on its own.
-    fn alive(&mut self) -> Step<()> {
+    pub(crate) fn alive(&mut self) -> Step<()> {
         match self.child.as_mut().map(Child::try_wait) {
             Some(Ok(None)) => Ok(()),
             Some(Ok(Some(st))) => Err(format!("vfplugd exited: {st}")),
@@ -368,7 +401,7 @@ impl Drop for Daemon {
 }
 
 /// Polls the CNI STATUS (what a runtime asks) until vfplugd is ready; returns the time taken.
-fn wait_ready(cni: &Cni<'_>, d: &mut Daemon) -> Step<Duration> {
+pub(crate) fn wait_ready(cni: &Cni<'_>, d: &mut Daemon) -> Step<Duration> {
     let t = Instant::now();
     let cfg = format!(
         "{{\"cniVersion\":\"1.1.0\",\"name\":\"labnet\",\"type\":\"vfplug\",\"socket\":\"{}\"}}",
@@ -388,7 +421,7 @@ fn wait_ready(cni: &Cni<'_>, d: &mut Daemon) -> Step<Duration> {
 }
 
 /// Copies both binaries to [`DIR`].
-fn stage(bins: &Binaries) -> Step<Binaries> {
+pub(crate) fn stage(bins: &Binaries) -> Step<Binaries> {
     std::fs::create_dir_all(DIR).map_err(|e| format!("{DIR}: {e}"))?;
     let copy = |from: &Path| -> Step<PathBuf> {
         let name = from
@@ -407,7 +440,7 @@ fn stage(bins: &Binaries) -> Step<Binaries> {
 
 /// Everything L1 needs before vfplugd starts: loopback (its HTTP endpoint), `/var/run` for `ip
 /// netns`, vfplugd's directories and config.
-fn prepare(pf: &PciAddress) -> Step<()> {
+pub(crate) fn prepare(config: &str) -> Step<()> {
     ip(&["link", "set", "lo", "up"])?;
     // The chroot has no /var; iproute2 keeps netns files in /var/run/netns.
     std::fs::create_dir_all("/var").map_err(|e| format!("/var: {e}"))?;
@@ -419,7 +452,7 @@ fn prepare(pf: &PciAddress) -> Step<()> {
         std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     let c = Path::new(DIR).join("config.yaml");
-    std::fs::write(&c, pool_config(pf)).map_err(|e| format!("{}: {e}", c.display()))
+    std::fs::write(&c, config).map_err(|e| format!("{}: {e}", c.display()))
 }
 
 /// The phase; vfplugd's log is copied to the console (`VMLAB-AGENT LOG ...`) whatever happens.
@@ -431,12 +464,17 @@ pub async fn run(sys: &Sysfs, pf: &PciAddress, vfs: &[PciAddress], bins: &Binari
     {
         println!("{AGENT_PREFIX} LOG agent: {e}");
     }
+    dump_log();
+    r
+}
+
+/// Copies vfplugd's log (first [`LOG_LINES`] lines) to the console for the host test.
+pub(crate) fn dump_log() {
     let log = std::fs::read_to_string(log_path()).unwrap_or_default();
     for l in log.lines().take(LOG_LINES) {
         let l: String = l.chars().take(400).collect();
         println!("{AGENT_PREFIX} LOG vfplugd: {l}");
     }
-    r
 }
 
 async fn steps(
@@ -455,9 +493,9 @@ async fn steps(
     let bins = stage(bins).map_err(|e| format!("plugd-setup: {e}"))?;
     figure("plugd.stage_binaries", t.elapsed());
     let bins = &bins;
-    let cni = Cni { bin: &bins.cni };
+    let cni = Cni::new(&bins.cni);
     let pf_dev = crate::agent::pf_netdev(sys, pf).map_err(|e| format!("plugd-setup: {e}"))?;
-    prepare(pf).map_err(|e| format!("plugd-setup: {e}"))?;
+    prepare(&pool_config(pf)).map_err(|e| format!("plugd-setup: {e}"))?;
     let ipam = Path::new(HOST_LOCAL_DIR).join("host-local").is_file();
     let name0 = netdevs(sys, net_vf)
         .into_iter()
@@ -481,7 +519,8 @@ async fn steps(
     );
 
     // 1. vfplugd starts, with no kubelet, and says ready.
-    let d = daemon.insert(Daemon::start(&bins.vfplugd).map_err(|e| format!("plugd-ready: {e}"))?);
+    let d =
+        daemon.insert(Daemon::start(&bins.vfplugd, &[]).map_err(|e| format!("plugd-ready: {e}"))?);
     let took = wait_ready(&cni, d).map_err(|e| format!("plugd-ready: {e}"))?;
     figure("plugd.start_to_ready", took);
     let l0 = expect_listed(net_vf, "free", None)
@@ -578,7 +617,7 @@ async fn steps(
     figure("plugd.sigterm_to_exit", t.elapsed());
     // A stopped vfplugd must leave the VF as it was: still the pod's, settings untouched.
     vf_line_is(&pf_dev, 0, &want).map_err(step)?;
-    let d = daemon.insert(Daemon::start(&bins.vfplugd).map_err(step)?);
+    let d = daemon.insert(Daemon::start(&bins.vfplugd, &[]).map_err(step)?);
     let took = wait_ready(&cni, d).map_err(step)?;
     figure("plugd.restart_to_ready", took);
     let l = expect_listed(net_vf, "configured", Some("pod-b"))

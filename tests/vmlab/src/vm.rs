@@ -31,8 +31,12 @@ pub struct VmConfig {
     pub memory_mb: u32,
     /// vCPUs.
     pub smp: u32,
-    /// Number of hotplug-capable root ports, named `rp1`, `rp2`, ... on `pcie.0`.
+    /// Number of hotplug-capable root ports, named `<port_prefix>1`, `<port_prefix>2`, ... on
+    /// `pcie.0`.
     pub root_ports: u8,
+    /// Id prefix of the root ports: `rp` for the lab's own hotplugs, `vfplug-rp` (vfplugd's
+    /// default `--vm-port-prefix`) for a VM pod whose slots vfplugd finds.
+    pub port_prefix: String,
     /// Start paused in prelaunch (`-S`).
     pub prelaunch: bool,
     /// Guest kernel; `None` boots nothing (SeaBIOS finds no disk).
@@ -60,6 +64,7 @@ impl Default for VmConfig {
             memory_mb: 512,
             smp: 1,
             root_ports: 3,
+            port_prefix: "rp".into(),
             prelaunch: false,
             kernel: None,
             initrd: None,
@@ -130,7 +135,8 @@ impl VmConfig {
         push(&["-qmp", &qmp, "-serial", &serial]);
         for i in 1..=self.root_ports {
             let dev = format!(
-                "pcie-root-port,id=rp{i},bus=pcie.0,chassis={i},slot={i},addr={:#x}",
+                "pcie-root-port,id={}{i},bus=pcie.0,chassis={i},slot={i},addr={:#x}",
+                self.port_prefix,
                 u32::from(i) + 1
             );
             push(&["-device", &dev]);
@@ -196,6 +202,11 @@ impl Vm {
     /// The QMP socket path.
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
+    }
+
+    /// QEMU's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// The VM's directory.
@@ -344,6 +355,7 @@ mod tests {
             native_pcie_hotplug: true,
             intel_iommu: true,
             root_ports: 1,
+            port_prefix: "vfplug-rp".into(),
             kernel: Some("/k/vmlinuz".into()),
             initrd: Some("/k/initrd".into()),
             append: "x=1".into(),
@@ -376,6 +388,11 @@ mod tests {
             "-virtfs",
             "local,path=/usr,mount_tag=usr,security_model=none,id=usr,readonly=on"
         ));
-        assert!(!a.iter().any(|x| x.contains("id=rp2")));
+        assert!(has_pair(
+            &a,
+            "-device",
+            "pcie-root-port,id=vfplug-rp1,bus=pcie.0,chassis=1,slot=1,addr=0x2"
+        ));
+        assert!(!a.iter().any(|x| x.contains("rp2")));
     }
 }

@@ -3,50 +3,19 @@
 //! driven by the guest agent's `vfplugd` phase (`vfplug_vmlab::plugd`). Run with
 //! `make vm-test TIER=sriov`.
 //!
-//! The binaries: `CARGO_BIN_EXE_*` exists only for this package's own bins, so the test asks
-//! cargo to build `vfplugd` and `vfplug` into the same target dir and profile as the agent (a
-//! no-op when they are fresh, so a stale binary is never tested), then stages them in /lab.
+//! The binaries: [`l1::host_binaries`] has `lab::host_binaries` build `vfplugd` and `vfplug`
+//! into the agent's target dir and profile (a no-op when they are fresh), strips them, and they
+//! are staged in /lab.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use vfplug_vmlab::agent::AGENT_PREFIX;
 use vfplug_vmlab::l1::{self, L1Run};
 use vfplug_vmlab::lab::{Gate, Tier, gate};
 use vfplug_vmlab::plugd::{NETDEV_MAC, NETDEV_VLAN, VFIO_VLAN};
-
-/// `vfplugd` and `vfplug` next to the agent, built (or found fresh) by cargo.
-fn host_binaries() -> (PathBuf, PathBuf) {
-    vfplug_vmlab::lab::host_binaries(
-        Path::new(env!("CARGO")),
-        Path::new(env!("CARGO_BIN_EXE_vmlab-guest-agent")),
-    )
-    .expect("vfplugd and vfplug")
-}
-
-/// `bin` without its debug info, in `dir` (157 MB → ~32 MB for a debug vfplugd: staging it over
-/// 9p under TCG costs ~75 ms per MB). Without `objcopy`, the binary as it is.
-fn stripped(bin: &Path, dir: &Path) -> PathBuf {
-    let to = dir.join(bin.file_name().expect("file name"));
-    let ok = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(bin)
-        .arg(&to)
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        to
-    } else {
-        println!(
-            "VMLAB NOTE: objcopy failed or missing; staging {} unstripped",
-            bin.display()
-        );
-        bin.to_path_buf()
-    }
-}
 
 /// The detail of step `step`'s PASS line; fails the test (with the whole report) if absent.
 fn passed<'a>(lines: &'a [String], step: &str) -> &'a str {
@@ -62,9 +31,12 @@ async fn vfplugd_and_the_cni_plugin_on_real_vfs() {
     let Gate::Run(lab) = gate(Tier::Sriov) else {
         return;
     };
-    let (vfplugd, cni) = host_binaries();
     let bins = tempfile::tempdir().expect("bin dir");
-    let (vfplugd, cni) = (stripped(&vfplugd, bins.path()), stripped(&cni, bins.path()));
+    let (vfplugd, cni) = l1::host_binaries(
+        Path::new(env!("CARGO_BIN_EXE_vmlab-guest-agent")),
+        bins.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let run = tempfile::tempdir().expect("run dir");
     let vmdir = tempfile::tempdir().expect("vm dir");
     let r = L1Run {
