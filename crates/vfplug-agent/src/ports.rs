@@ -293,6 +293,10 @@ impl LedgerPort for AgentLedger {
     }
 }
 
+/// How long a QEMU whose QMP connection ended is waited for to exit before the connection's end
+/// is taken as just that (the next call reconnects and reconciles).
+const QEMU_EXIT_WAIT: Duration = Duration::from_secs(30);
+
 /// The executor's QMP connector for VM pods: the socket is resolved below the pod's volume dir
 /// under the kubelet dir, never following a symlink, owned by a trusted uid (vfplug-host's
 /// `vmpod`); QEMU's pid comes from the socket's peer credentials.
@@ -442,9 +446,25 @@ impl vfplug_executor::QmpConnector for PodQmp {
         })
     }
 
-    fn exited(&self, _vm: &vfplug_core::VmRef, link: &vfplug_executor::VmLink) -> bool {
-        // No pid (another pid namespace): only a closed connection is known, which is not proof.
-        link.pid
-            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    fn exited<'a>(
+        &'a self,
+        vm: &'a vfplug_core::VmRef,
+        link: &'a vfplug_executor::VmLink,
+    ) -> vfplug_executor::vm::BoxFuture<'a, bool> {
+        Box::pin(async move {
+            // No pid (another pid namespace): only a closed connection is known, which is not
+            // proof. With one: QEMU closes its QMP connection while it exits, and may take a
+            // while to be gone (unpinning a large guest's RAM), so its exit is waited for.
+            let Some(pid) = link.pid else {
+                return false;
+            };
+            match vfplug_host::vmpod::wait_exit(pid, QEMU_EXIT_WAIT).await {
+                Ok(exited) => exited,
+                Err(e) => {
+                    warn!(%vm, pid, error = %e, "cannot wait for QEMU's exit");
+                    false
+                }
+            }
+        })
     }
 }

@@ -62,9 +62,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait QmpConnector: Send + Sync + Debug {
     /// Connects and negotiates.
     fn connect<'a>(&'a self, vm: &'a VmRef) -> BoxFuture<'a, Result<VmLink, ExecError>>;
-    /// Whether this VM's QEMU is known to have exited (its pid is gone): the devices it had are
-    /// out of every guest.
-    fn exited(&self, vm: &VmRef, link: &VmLink) -> bool;
+    /// Whether this VM's QEMU has exited, asked when its QMP connection ended (QEMU may still
+    /// be on its way out then, so an implementation may wait a bounded time for the pid's
+    /// exit): the devices it had are out of every guest. `false` when not known.
+    fn exited<'a>(&'a self, vm: &'a VmRef, link: &'a VmLink) -> BoxFuture<'a, bool>;
     /// Whether [`Self::ready`] can wait for this VM at all (its pod's volume is there): an ADD
     /// owes a hot-plug only then, and fails otherwise. Without an implementation, a connector
     /// cannot wait.
@@ -174,6 +175,16 @@ fn qmp_err(what: &str, e: &QmpError) -> ExecError {
         ErrorKind::Internal
     };
     ExecError::new(kind, format!("{what}: {e}"))
+}
+
+/// How long a `device_add` may take: the QMP bound, plus what pinning the guest's RAM may take
+/// when the device is the VM's first VFIO one (about 0.3 s per GiB on hardware, 17 s for 64 GiB,
+/// cni-hotplug.md §0.9; ~7 s for 1 GiB under nested TCG): 2 s per GiB keeps a margin for a loaded
+/// host. A reply later than this is an unknown outcome, never a failure (the VF stays
+/// `Attaching`).
+pub fn device_add_timeout(base: Duration, guest_ram: Option<u64>) -> Duration {
+    let gib = guest_ram.map_or(0, |b| b.div_ceil(1 << 30));
+    base + Duration::from_secs(2 * gib)
 }
 
 /// The connection failed while QEMU may have added the device: the attach's outcome is unknown.
@@ -492,13 +503,18 @@ impl<L: LedgerPort> Executor<L> {
         let ports = self.vm_ports()?;
 
         // The first VFIO device pins all guest RAM: QEMU must be allowed to lock it first.
-        if let Some(pid) = link.pid.filter(|_| ports.hostdev.pins_guest_ram()) {
-            let ram = link
-                .qmp
-                .call(&QueryMemorySizeSummary {})
-                .await
-                .map_err(|e| qmp_err("query-memory-size-summary", &e))?
-                .total();
+        let ram = if ports.hostdev.pins_guest_ram() {
+            Some(
+                link.qmp
+                    .call(&QueryMemorySizeSummary {})
+                    .await
+                    .map_err(|e| qmp_err("query-memory-size-summary", &e))?
+                    .total(),
+            )
+        } else {
+            None
+        };
+        if let (Some(pid), Some(ram)) = (link.pid, ram) {
             let memlock = Arc::clone(&ports.memlock);
             let change =
                 tokio::task::spawn_blocking(move || memlock.raise(pid, memlock_for_guest(ram)))
@@ -512,6 +528,7 @@ impl<L: LedgerPort> Executor<L> {
                     })?;
             debug!(%pci, pid, ram, ?change, "QEMU's RLIMIT_MEMLOCK");
         }
+        let add_timeout = device_add_timeout(link.qmp.default_timeout(), ram);
 
         let candidates = self.free_ports(&link, &ports.port_prefix).await?;
         if candidates.is_empty() {
@@ -533,7 +550,7 @@ impl<L: LedgerPort> Executor<L> {
         let mut last: Option<ExecError> = None;
         for port in candidates {
             let dev = ports.hostdev.device(pci, &alias, &port);
-            match link.qmp.device_add(&dev).await {
+            match link.qmp.call_timeout(&dev, add_timeout).await.map(drop) {
                 Ok(()) => {
                     crate::failpoint::hit("attach-device-added");
                     match link.qmp.peripheral_ids().await {
@@ -928,11 +945,10 @@ impl<L: LedgerPort> Executor<L> {
             }
         }
         // The connection ended. If QEMU is gone, every device it had is out of every guest.
-        let exited = self
-            .host
-            .vm
-            .as_ref()
-            .is_some_and(|p| p.qmp.exited(&vm, &link));
+        let exited = match &self.host.vm {
+            Some(p) => p.qmp.exited(&vm, &link).await,
+            None => false,
+        };
         if exited {
             info!(%vm, "QEMU exited: finalizing every VF it had");
             for (pci, token, _, _) in self.vfs_of(&vm) {
@@ -941,5 +957,26 @@ impl<L: LedgerPort> Executor<L> {
         } else {
             info!(%vm, "QMP connection closed; the next call reconnects and reconciles");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_add_bound_grows_with_the_ram_vfio_pins() {
+        let base = Duration::from_secs(10);
+        assert_eq!(device_add_timeout(base, None), base);
+        assert_eq!(device_add_timeout(base, Some(0)), base);
+        // A partial GiB counts whole.
+        assert_eq!(
+            device_add_timeout(base, Some(256 << 20)),
+            Duration::from_secs(12)
+        );
+        assert_eq!(
+            device_add_timeout(base, Some(64 << 30)),
+            Duration::from_secs(138)
+        );
     }
 }

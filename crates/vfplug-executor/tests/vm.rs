@@ -59,8 +59,8 @@ impl QmpConnector for Scripted {
         })
     }
 
-    fn exited(&self, _vm: &VmRef, _link: &VmLink) -> bool {
-        *self.exited.lock().unwrap()
+    fn exited<'a>(&'a self, _vm: &'a VmRef, _link: &'a VmLink) -> BoxFuture<'a, bool> {
+        Box::pin(async move { *self.exited.lock().unwrap() })
     }
 
     fn can_wait(&self, _vm: &VmRef) -> Result<(), ExecError> {

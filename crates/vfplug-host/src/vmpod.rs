@@ -723,6 +723,33 @@ pub fn peer_cred(socket: &tokio::net::UnixStream) -> Result<PeerCred, VmPodError
 /// libvirt's margin over guest RAM for `RLIMIT_MEMLOCK` with a VFIO hostdev (1 GiB).
 pub const MEMLOCK_MARGIN: u64 = 1 << 30;
 
+/// Waits up to `within` for process `pid` to exit (QEMU, after its QMP connection ended):
+/// `true` once it has exited (a zombie counts: it runs no guest), `false` if it still runs
+/// after `within`. Woken by the kernel through a pidfd, not by polling `/proc`. A pid that does
+/// not exist (any more) has exited.
+pub async fn wait_exit(pid: u32, within: std::time::Duration) -> Result<bool, VmPodError> {
+    use rustix::process::{PidfdFlags, pidfd_open};
+    let path = PathBuf::from(format!("/proc/{pid}"));
+    let Some(p) = Pid::from_raw(i32::try_from(pid).unwrap_or(0)) else {
+        return Err(io_err("pidfd_open", &path, Errno::INVAL));
+    };
+    let fd = match pidfd_open(p, PidfdFlags::NONBLOCK) {
+        Ok(fd) => fd,
+        Err(Errno::SRCH) => return Ok(true),
+        Err(e) => return Err(io_err("pidfd_open", &path, e)),
+    };
+    // As for `VolumeWatch`: the `OwnedFd` is owned by the `AsyncFd` until it is dropped.
+    #[allow(deprecated)]
+    let fd = tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+        .map_err(|e| io_err("register pidfd", &path, e))?;
+    // A pidfd becomes readable when its process exits.
+    match tokio::time::timeout(within, fd.readable()).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => Err(io_err("wait on pidfd", &path, e)),
+        Err(_) => Ok(false),
+    }
+}
+
 /// The memlock a guest with `ram_bytes` of RAM needs for VFIO: RAM + [`MEMLOCK_MARGIN`]
 /// (libvirt's `qemuDomainAdjustMaxMemLockHostdev` without a vIOMMU).
 pub fn memlock_for_guest(ram_bytes: u64) -> u64 {

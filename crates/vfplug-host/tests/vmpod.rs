@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 use vfplug_host::prereq;
 use vfplug_host::vmpod::{
     Memlock, MemlockError, MemlockLimit, PrlimitMemlock, VmPodError, VolumeWatch,
-    default_trusted_owners, peer_cred, raise_memlock, resolve_qmp_socket,
+    default_trusted_owners, peer_cred, raise_memlock, resolve_qmp_socket, wait_exit,
 };
 
 const UID: &str = "0b6f2c5e-1d7a-4c8e-9f00-2a1b3c4d5e6f";
@@ -576,4 +576,32 @@ async fn the_volume_watch_refuses_a_symlinked_volume() {
     k.replace_with_symlink(&k.volume(EMPTY_DIR, "qmp"));
     let e = VolumeWatch::new(k.root(), UID, "qmp/qmp.sock").unwrap_err();
     assert!(matches!(e, VmPodError::Symlink { .. }), "{e}");
+}
+
+/// QEMU's exit after its QMP connection ended: a process that exits is seen as exited (also as
+/// an unreaped zombie: it runs no guest), one that keeps running is not, within the bound.
+#[tokio::test]
+async fn a_process_exit_is_seen_through_its_pidfd_zombies_included() {
+    use std::time::Duration;
+    let mut running = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = running.id();
+    assert!(!wait_exit(pid, Duration::from_millis(200)).await.unwrap());
+    let mut quick = Command::new("sleep").arg("0.2").spawn().unwrap();
+    // Not reaped until after the wait: it is a zombie when it exits.
+    assert!(
+        wait_exit(quick.id(), Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert!(
+        fs::read_to_string(format!("/proc/{}/stat", quick.id()))
+            .unwrap()
+            .contains(") Z "),
+        "the child should still be an unreaped zombie"
+    );
+    quick.wait().unwrap();
+    running.kill().unwrap();
+    running.wait().unwrap();
+    // Reaped: the pid is gone.
+    assert!(wait_exit(pid, Duration::from_millis(200)).await.unwrap());
 }

@@ -549,9 +549,9 @@ async fn one_prelaunch_pod(
     Ok(())
 }
 
-/// The pod is torn down: QEMU is killed with the VF in it, then the runtime's DEL comes. A QEMU
-/// that is not running proves the device is in no guest: the DEL finalizes at once. (What the
-/// VM watcher did on QEMU's exit, before the DEL, is reported, not asserted: `before_del=`.)
+/// The pod is torn down: QEMU is killed with the VF in it, then the runtime's DEL comes. QEMU's
+/// exit proves the device is in no guest: vfplugd's VM watcher frees the VF by itself, and the
+/// DEL that follows finds nothing held and succeeds.
 async fn qemu_gone_before_del(
     node: &Node<'_>,
     pod: &mut Pod,
@@ -569,17 +569,31 @@ async fn qemu_gone_before_del(
     )
     .await?;
     say("L2's QEMU is killed with the VF in it (pod teardown), then the runtime's CNI DEL");
+    let t = Instant::now();
     pod.vm.kill().await;
-    // Long enough for vfplugd's watcher to see the connection end (it is woken by it).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let before_del = plugd::listed(&a.vf).await.map_err(e)?;
+    // vfplugd's watcher is woken by the connection's end and by QEMU's exit (pidfd): it frees
+    // the VF by itself, before any DEL. The test looks every 100 ms, for 60 s at most.
+    let mut before_del = String::new();
+    for _ in 0..600 {
+        before_del = plugd::listed(&a.vf).await.map_err(e)?;
+        if before_del.starts_with("state=free ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !before_del.starts_with("state=free ") {
+        return Err(e(format!(
+            "QEMU's exit did not free the VF before the DEL: {before_del}"
+        )));
+    }
+    figure("vmpod.qemu_exit_to_free", t.elapsed());
     let prev = format!(",\"prevResult\":{}", a.add_result);
     let t = Instant::now();
     node.cni(pod)
         .ok("DEL", &pod.name, &vm_config(&pod.devinfo, &prev))
         .map_err(e)?;
     figure("vmpod.cni_del_qemu_gone", t.elapsed());
-    // No polling: QEMU not running is proof, so the DEL itself finalized.
+    // The DEL found nothing held: the VF stays Free.
     let listed = plugd::expect_listed(&a.vf, "free", None).await.map_err(e)?;
     let line = plugd::vf_line(&node.pf_dev, a.index).map_err(e)?;
     if line != before[a.index as usize] {
@@ -601,7 +615,7 @@ async fn qemu_gone_before_del(
         ),
     );
     say(&format!(
-        "  after QEMU's exit vfplugd had the VF {before_state}; the DEL freed it at once: {listed}"
+        "  after QEMU's exit vfplugd had the VF {before_state} before any DEL; after the DEL: {listed}"
     ));
     Ok(())
 }

@@ -312,8 +312,8 @@ impl QmpConnector for Connector {
         })
     }
 
-    fn exited(&self, _vm: &VmRef, _link: &VmLink) -> bool {
-        false
+    fn exited<'a>(&'a self, _vm: &'a VmRef, _link: &'a VmLink) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
     }
 }
 
