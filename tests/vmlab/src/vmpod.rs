@@ -135,8 +135,15 @@ async fn qom_get(q: &Qmp, path: &str, prop: &str) -> Step<String> {
 }
 
 /// Starts L2 with its QMP socket in a fresh pod volume; `kernel` boots Linux.
+/// Pod `n`'s UID, name and device-info file (what the runtime knows before QEMU runs).
+fn pod_ids(n: u32) -> (String, String, PathBuf) {
+    let name = format!("vmpod-{n}");
+    let devinfo = Path::new(DIR).join(format!("cni-devinfo/{name}-{IFNAME}.json"));
+    (pod_uid(n), name, devinfo)
+}
+
 async fn start_pod(args: &AgentArgs, n: u32, ram_mb: u32, linux: bool) -> Step<Pod> {
-    let uid = pod_uid(n);
+    let (uid, name, devinfo) = pod_ids(n);
     let vol = volume_dir(&uid);
     std::fs::create_dir_all(&vol).map_err(|e| format!("{}: {e}", vol.display()))?;
     let sock = vol.join("qmp.sock");
@@ -144,7 +151,6 @@ async fn start_pod(args: &AgentArgs, n: u32, ram_mb: u32, linux: bool) -> Step<P
         "-qmp".to_owned(),
         format!("unix:{},server=on,wait=off", sock.display()),
     ];
-    let name = format!("vmpod-{n}");
     let (vm, observer) = if linux {
         crate::agent::boot_l2_linux(args, &name, PORT_PREFIX, extra).await?
     } else {
@@ -162,7 +168,6 @@ async fn start_pod(args: &AgentArgs, n: u32, ram_mb: u32, linux: bool) -> Step<P
     if !sock.exists() {
         return Err(format!("{name}: {} missing", sock.display()));
     }
-    let devinfo = Path::new(DIR).join(format!("cni-devinfo/{name}-{IFNAME}.json"));
     Ok(Pod {
         vm,
         observer,
@@ -244,6 +249,20 @@ async fn add(node: &Node<'_>, pod: &Pod, ram_mb: u32, step: &str, fig: &str) -> 
         .map_err(e)?;
     let took = t.elapsed();
     figure(fig, took);
+    verify_added(node, pod, ram_mb, step, out, took).await
+}
+
+/// Everything an ADD (answered with `out` after `took`) must have done once the VF is in L2,
+/// read back from outside vfplugd.
+async fn verify_added(
+    node: &Node<'_>,
+    pod: &Pod,
+    ram_mb: u32,
+    step: &str,
+    out: String,
+    took: Duration,
+) -> Step<Attached> {
+    let e = |x: String| format!("{step}: {x}");
     let pci = result_pci(&out).ok_or_else(|| e(format!("result has no pciID: {out}")))?;
     let index = node
         .vfs
@@ -503,17 +522,78 @@ async fn prelaunch_pods(
         r?;
         pod.vm.kill().await;
     }
-    // A fresh L2 (the last one may have been lost to QEMU's reset abort, see above).
+    // A fresh L2 (the last one may have been lost to QEMU's reset abort, see above), in the
+    // order a runtime uses: the pod's networks first, then its containers (QEMU).
     let ram = args.vmpod_ram_mb[0];
     let n = args.vmpod_ram_mb.len() as u32;
-    let mut pod = start_pod(args, n, ram, false)
-        .await
-        .map_err(|x| format!("vmpod-qemu-gone: {x}"))?;
-    let r = qemu_gone_before_del(node, &mut pod, ram, before).await;
+    let (mut pod, a) = add_before_qemu_runs(args, node, n, ram).await?;
+    let r = qemu_gone_before_del(node, &mut pod, &a, before).await;
     if r.is_err() {
         l2_diagnostics(&mut pod.vm);
     }
     r
+}
+
+/// The runtime's ADD comes before the pod's QEMU runs (its volume is there, its socket is not):
+/// vfplugd reserves and configures the VF and answers at once with the hot-plug owed; when QEMU
+/// starts and binds its QMP socket, vfplugd (woken by inotify on the volume) hot-plugs the VF.
+async fn add_before_qemu_runs(
+    args: &AgentArgs,
+    node: &Node<'_>,
+    n: u32,
+    ram: u32,
+) -> Step<(Pod, Attached)> {
+    let step = "vmpod-add-owed";
+    let e = |x: String| format!("{step}: {x}");
+    let (uid, name, devinfo) = pod_ids(n);
+    let vol = volume_dir(&uid);
+    std::fs::create_dir_all(&vol).map_err(|x| e(format!("{}: {x}", vol.display())))?;
+    say(&format!(
+        "CNI ADD {name}/{IFNAME} before the pod's QEMU runs (its volume is there, no socket yet)"
+    ));
+    let cni = Cni {
+        bin: &node.bins.cni,
+        netns: NETNS,
+        pod_uid: Some(&uid),
+    };
+    let t = Instant::now();
+    let out = cni.ok("ADD", &name, &vm_config(&devinfo, "")).map_err(e)?;
+    let took = t.elapsed();
+    figure("vmpod.cni_add_before_qemu", took);
+    let pci = result_pci(&out).ok_or_else(|| e(format!("result has no pciID: {out}")))?;
+    let vf: PciAddress = pci.parse().map_err(|x| e(format!("{pci}: {x}")))?;
+    let owed = plugd::expect_listed(&vf, "configured", Some(&name))
+        .await
+        .map_err(e)?;
+    say(&format!(
+        "  answered in {:.2} s with {vf}, the hot-plug owed; List: {owed}",
+        took.as_secs_f64()
+    ));
+    say(&format!(
+        "L2 QEMU starts in prelaunch with {ram} MiB and binds its QMP socket"
+    ));
+    let pod = start_pod(args, n, ram, false).await.map_err(e)?;
+    let t = Instant::now();
+    // The test looks every 100 ms for 120 s at most; vfplugd itself is woken, not polling.
+    let mut listed = String::new();
+    for _ in 0..1200 {
+        listed = plugd::listed(&vf).await.map_err(e)?;
+        if listed.starts_with("state=attached ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !listed.starts_with("state=attached ") {
+        return Err(e(format!("the owed hot-plug was not done: {listed}")));
+    }
+    let waited = t.elapsed();
+    figure("vmpod.qemu_socket_to_attached", waited);
+    say(&format!(
+        "  vfplugd hot-plugged it {:.2} s after QEMU's socket appeared",
+        waited.as_secs_f64()
+    ));
+    let a = verify_added(node, &pod, ram, step, out, took).await?;
+    Ok((pod, a))
 }
 
 /// L2's serial tail, QEMU's stderr and whether it still runs, as `LOG l2:` lines: a QEMU that
@@ -555,19 +635,11 @@ async fn one_prelaunch_pod(
 async fn qemu_gone_before_del(
     node: &Node<'_>,
     pod: &mut Pod,
-    ram: u32,
+    a: &Attached,
     before: &[String],
 ) -> Step<()> {
     let step = "vmpod-qemu-gone";
     let e = |x: String| format!("{step}: {x}");
-    let a = add(
-        node,
-        pod,
-        ram,
-        "vmpod-add-before-kill",
-        &format!("vmpod.cni_add_before_kill_{ram}mb"),
-    )
-    .await?;
     say("L2's QEMU is killed with the VF in it (pod teardown), then the runtime's CNI DEL");
     let t = Instant::now();
     pod.vm.kill().await;

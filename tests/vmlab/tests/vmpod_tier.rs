@@ -133,12 +133,18 @@ async fn vm_pod_hotplug_and_a_crash_between_device_del_and_device_deleted() {
         has_all(late, "late event", &freed());
         assert!(late.contains("state=detaching "), "{late}");
     }
-    // QEMU killed with the VF in it, then the runtime's DEL: freed by the DEL itself.
+    // The runtime's order: the ADD before QEMU runs answers with the hot-plug owed, and the VF
+    // is in L2 once QEMU binds its socket.
+    let n = ram.len();
+    let owed = passed(&lines, "vmpod-add-owed");
+    has_all(owed, "vmpod-add-owed", &attached(&format!("vmpod-{n}")));
+    // QEMU killed with the VF in it: vfplugd frees it on QEMU's exit, before the runtime's DEL.
     let gone = passed(&lines, "vmpod-qemu-gone");
     has_all(
         gone,
         "vmpod-qemu-gone",
         &[
+            "before_del=state=free ".into(),
             "driver=vfio-pci restored=true".into(),
             format!("state=free pool=vfplug.io/{VM_POOL} owner= "),
         ],
