@@ -37,6 +37,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "ADD: the attachment is complete (Configured); a VM pod's attach not started",
     ),
     (
+        "attach-owed",
+        "ADD: QEMU not running yet; the hot-plug is recorded as owed; the ADD not answered",
+    ),
+    (
         "attach-attaching",
         "attach: Attaching{alias, vm} is durable; device_add not sent",
     ),

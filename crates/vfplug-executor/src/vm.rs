@@ -325,6 +325,7 @@ impl<L: LedgerPort> Executor<L> {
         self.ledger
             .commit(move |l| l.plan_amend_cni(pci, token, cni))
             .await?;
+        crate::failpoint::hit("attach-owed");
         info!(%pci, %vm, reason = %e,
             "QEMU is not running yet: the hot-plug is owed, done when its QMP socket answers");
         self.spawn_waiter(vm.clone());

@@ -40,6 +40,18 @@ use vfplug_vmlab::vm::{Vm, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(120);
 const POD_UID: &str = "crash-pod-uid";
+/// A second VM pod whose volume holds no QMP socket (its QEMU not started): its ADD owes the
+/// hot-plug (the `attach-owed` point).
+const OWED_UID: &str = "crash-owed-uid";
+
+/// The pod a round's CNI calls are for.
+fn pod_uid(point: &str) -> &'static str {
+    if point == "attach-owed" {
+        OWED_UID
+    } else {
+        POD_UID
+    }
+}
 const ALIAS: &str = "vfplug-net1";
 /// The stand-in QEMU driver for the VF (`VMLAB_STAND_IN` overrides): hotplugs into a
 /// `pcie-root-port` and the guest acknowledges its unplug.
@@ -227,7 +239,7 @@ fn cni_config(node: &Node) -> String {
 }
 
 /// Execs the CNI plugin as a runtime does; (success, stdout + stderr).
-fn cni(rig: &Rig, node: &Node, command: &str) -> (bool, String) {
+fn cni(rig: &Rig, node: &Node, uid: &str, command: &str) -> (bool, String) {
     use std::io::Write;
     let mut child = Command::new(&rig.cni)
         .env_clear()
@@ -239,9 +251,7 @@ fn cni(rig: &Rig, node: &Node, command: &str) -> (bool, String) {
         .env("CNI_PATH", "/opt/cni/bin")
         .env(
             "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME=vm-a;K8S_POD_UID={POD_UID}"
-            ),
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME=vm-a;K8S_POD_UID={uid}"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -443,7 +453,7 @@ async fn round(rig: &Rig, point: &'static str, n: usize) -> (String, Duration) {
         Kind::Attach => {
             let mut d = start(Some(point));
             wait_served(&node, &mut d).await;
-            let (ok, out) = cni(rig, &node, "ADD");
+            let (ok, out) = cni(rig, &node, pod_uid(point), "ADD");
             assert!(!ok, "ADD succeeded although vfplugd died at {point}: {out}");
             died_at(&mut d, point);
             outcome = "ADD failed; DEL after restart".into();
@@ -451,14 +461,14 @@ async fn round(rig: &Rig, point: &'static str, n: usize) -> (String, Duration) {
         Kind::Detach => {
             let mut d = start(Some(point));
             wait_served(&node, &mut d).await;
-            let (ok, out) = cni(rig, &node, "ADD");
+            let (ok, out) = cni(rig, &node, pod_uid(point), "ADD");
             assert!(ok, "ADD before {point}: {out}\n{}", d.log_text());
             // Mid-way: the ledger and QEMU agree that the hostdev is in.
             let l = list(&node).await.unwrap();
             let attached: Vec<_> = l.iter().filter(|v| v.state == "attached").collect();
             assert_eq!(attached.len(), 1, "{l:?}");
             assert!(peripherals(rig).await.iter().any(|i| i == ALIAS));
-            let (ok, out) = cni(rig, &node, "DEL");
+            let (ok, out) = cni(rig, &node, pod_uid(point), "DEL");
             assert!(!ok, "DEL succeeded although vfplugd died at {point}: {out}");
             died_at(&mut d, point);
             outcome = "DEL failed; DEL retried after restart".into();
@@ -466,7 +476,7 @@ async fn round(rig: &Rig, point: &'static str, n: usize) -> (String, Duration) {
         Kind::Recovery => {
             let mut d = start(Some("add-complete"));
             wait_served(&node, &mut d).await;
-            let (ok, _) = cni(rig, &node, "ADD");
+            let (ok, _) = cni(rig, &node, pod_uid(point), "ADD");
             assert!(!ok);
             died_at(&mut d, "add-complete");
             // The restart's recovery finalizes the half-done ADD, and dies at the point.
@@ -508,7 +518,7 @@ async fn round(rig: &Rig, point: &'static str, n: usize) -> (String, Duration) {
             }
         }
     }
-    let (ok, out) = cni(rig, &node, "DEL");
+    let (ok, out) = cni(rig, &node, pod_uid(point), "DEL");
     assert!(
         ok,
         "DEL after the restart ({point}): {out}\n{}",
@@ -550,6 +560,13 @@ async fn vfplugd_killed_at_every_failpoint_recovers_against_real_qemu() {
         .join(POD_UID)
         .join("volumes/kubernetes.io~empty-dir/qmp");
     std::fs::create_dir_all(&qmp_dir).unwrap();
+    std::fs::create_dir_all(
+        kubelet
+            .join("pods")
+            .join(OWED_UID)
+            .join("volumes/kubernetes.io~empty-dir/qmp"),
+    )
+    .unwrap();
     let vm_dir = dir.path().join("vm");
     std::fs::create_dir_all(&vm_dir).unwrap();
     let initrd = vm_dir.join("initrd.cpio");
