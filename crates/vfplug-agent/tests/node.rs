@@ -1303,6 +1303,16 @@ async fn vm_node(
     (n, memlock, qmp_dir)
 }
 
+/// A VM pod's vfio ADD of `vf` (sandbox `sb-<pod>`, netns `<pod>`) naming the socket
+/// `qmp/qmp.sock` of pod `uid`.
+fn vm_req(n: &Node, pod: &str, uid: &str, vf: &str) -> v1::AddRequest {
+    let ns = n.netns(pod);
+    let mut req = vfio_req(&format!("sb-{pod}"), &ns, vf, v1::VfConfig::default());
+    req.attachment.as_mut().unwrap().pod_uid = uid.into();
+    req.qmp_socket = "qmp/qmp.sock".into();
+    req
+}
+
 /// The scripted QEMU of a VM pod: `vf` hot-plugged as `vfplug-net1` into `vfplug-rp1`, then
 /// unplugged with the guest's acknowledgement.
 fn vm_script(vf: &str) -> vfplug_qmp::testing::Script {
@@ -1368,10 +1378,7 @@ async fn a_vm_pods_add_hotplugs_the_vf_and_del_unplugs_it() {
     let vf = n.vfs[4].clone();
     let server = vm_script(&vf).listen(&qmp_dir.join("qmp.sock")).unwrap();
 
-    let ns = n.netns("vm-a");
-    let mut req = vfio_req("sb-vm-a", &ns, &vf, v1::VfConfig::default());
-    req.attachment.as_mut().unwrap().pod_uid = uid.into();
-    req.qmp_socket = "qmp/qmp.sock".into();
+    let req = vm_req(&n, "vm-a", uid, &vf);
     let r = match n.add(req.clone()).await {
         Ok(r) => r,
         Err(e) => panic!("{e:?}; QMP server: {:?}", server.await),
@@ -1406,10 +1413,7 @@ async fn a_vm_pods_add_before_qemu_runs_hotplugs_once_qemu_listens() {
     let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     drop(stale);
 
-    let ns = n.netns("vm-b");
-    let mut req = vfio_req("sb-vm-b", &ns, &vf, v1::VfConfig::default());
-    req.attachment.as_mut().unwrap().pod_uid = uid.into();
-    req.qmp_socket = "qmp/qmp.sock".into();
+    let req = vm_req(&n, "vm-b", uid, &vf);
     let r = n.add(req.clone()).await.unwrap();
     assert!(r.attach_pending && !r.existing, "{r:?}");
     assert_eq!(r.pci_address, vf);
@@ -1448,10 +1452,7 @@ async fn a_del_before_qemu_ever_ran_releases_the_owed_vf() {
     let uid = "vm-c-uid";
     let (mut n, memlock, _qmp_dir) = vm_node(uid).await;
     let vf = n.vfs[4].clone();
-    let ns = n.netns("vm-c");
-    let mut req = vfio_req("sb-vm-c", &ns, &vf, v1::VfConfig::default());
-    req.attachment.as_mut().unwrap().pod_uid = uid.into();
-    req.qmp_socket = "qmp/qmp.sock".into();
+    let req = vm_req(&n, "vm-c", uid, &vf);
     assert!(n.add(req).await.unwrap().attach_pending);
     let d = vm_del(&mut n, "sb-vm-c", uid).await;
     assert!(d.released, "{d:?}");
@@ -1475,10 +1476,7 @@ async fn a_qmp_socket_outside_the_pod_is_refused() {
     std::fs::create_dir_all(&elsewhere).unwrap();
     let _l = std::os::unix::net::UnixListener::bind(elsewhere.join("qmp.sock")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, vols.join("qmp")).unwrap();
-    let ns = n.netns("vm-b");
-    let mut req = vfio_req("sb-vm-b", &ns, &vf, v1::VfConfig::default());
-    req.attachment.as_mut().unwrap().pod_uid = uid.into();
-    req.qmp_socket = "qmp/qmp.sock".into();
+    let req = vm_req(&n, "vm-b", uid, &vf);
     let (code, msg) = n.add(req).await.unwrap_err();
     assert_eq!(code, 7, "{msg}");
     assert!(msg.contains("symlink"), "{msg}");

@@ -414,6 +414,21 @@ async fn a_qemu_that_is_not_running_proves_the_removal() {
     }
 }
 
+/// A VM pod's CNI ADD of `pci(0)` (VLAN 42) for `vm()`.
+fn vm_add_request() -> vfplug_executor::AddRequest {
+    vfplug_executor::AddRequest {
+        owner: common::owner(0),
+        network: "vm-net".into(),
+        device: Some(pci(0)),
+        config: vfplug_core::VfConfig {
+            vlan: Some(42),
+            ..Default::default()
+        },
+        vm: Some(vm()),
+        ..Default::default()
+    }
+}
+
 /// The runtime sets up a pod's networks before its containers start: an ADD for a VM pod whose
 /// QEMU is not running yet reserves and configures the VF and answers with the hot-plug owed;
 /// a repeat of it is answered from the ledger; a restart's recovery keeps it owed; and the
@@ -425,17 +440,7 @@ async fn an_add_before_qemu_runs_owes_the_hotplug_and_does_it_when_qemu_answers(
     // No QEMU yet: the scripted connection is held back.
     let link = v.qmp.link.lock().unwrap().pop_front().unwrap();
     *v.qmp.not_running.lock().unwrap() = true;
-    let req = vfplug_executor::AddRequest {
-        owner: common::owner(0),
-        network: "vm-net".into(),
-        device: Some(pci(0)),
-        config: vfplug_core::VfConfig {
-            vlan: Some(42),
-            ..Default::default()
-        },
-        vm: Some(vm()),
-        ..Default::default()
-    };
+    let req = vm_add_request();
     let out = v.s.exec.add(req.clone()).await.unwrap();
     assert!(out.attach_pending && !out.existing, "{out:?}");
     let owed = |st: &VfState| {
@@ -482,17 +487,7 @@ async fn a_del_of_an_owed_hotplug_releases_the_vf() {
     let v = start(Script::new()).await;
     let _never = v.qmp.link.lock().unwrap().pop_front();
     *v.qmp.not_running.lock().unwrap() = true;
-    let req = vfplug_executor::AddRequest {
-        owner: common::owner(0),
-        network: "vm-net".into(),
-        device: Some(pci(0)),
-        config: vfplug_core::VfConfig {
-            vlan: Some(42),
-            ..Default::default()
-        },
-        vm: Some(vm()),
-        ..Default::default()
-    };
+    let req = vm_add_request();
     assert!(v.s.exec.add(req).await.unwrap().attach_pending);
     let d =
         v.s.exec
