@@ -112,23 +112,50 @@ pub async fn run_l1(
     std::fs::write(&initrd, guest::l1_guest(lab)?).map_err(io(&initrd))?;
 
     let mut f = Figures::default();
-    let t0 = Instant::now();
     let cfg = l1_config(lab, run_dir, &initrd, r.memory_mb);
-    let mut vm = Vm::spawn(lab, &cfg, vm_dir)?;
     let ready = format!("{L1_PREFIX} READY");
-    let booted = follow(
-        &mut vm,
-        t0,
-        Duration::from_secs(180),
-        Duration::from_secs(10),
-        "still booting L1",
-        |l| l.starts_with(&ready),
-    )
-    .await;
-    if let Err(e) = booted {
-        vm.kill().await;
-        return Err(e);
-    }
+    let mut attempt = 0;
+    let (mut vm, t0) = loop {
+        attempt += 1;
+        let t0 = Instant::now();
+        let dir = if attempt == 1 {
+            vm_dir.to_path_buf()
+        } else {
+            let d = vm_dir.join(format!("boot-{attempt}"));
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+            d
+        };
+        let mut vm = Vm::spawn(lab, &cfg, &dir)?;
+        let booted = follow(
+            &mut vm,
+            t0,
+            Duration::from_secs(180),
+            Duration::from_secs(10),
+            "still booting L1",
+            |l| l.starts_with(&ready),
+        )
+        .await;
+        match booted {
+            Ok(_) => break (vm, t0),
+            Err(e) => {
+                let stderr = vm.stderr_text();
+                vm.kill().await;
+                // QEMU's TCG itself now and then dies on one of its own assertions while L1
+                // boots (seen: `physmem.c: iotlb_to_section: Assertion ... failed`, once in
+                // about ten CI runs). Nothing of vfplug runs before READY, so that is the
+                // emulator's failure, not the test's: L1 is booted once more, loudly.
+                let assertion = stderr.lines().find(|l| l.contains("Assertion"));
+                if let (1, Some(a)) = (attempt, assertion) {
+                    println!(
+                        "VMLAB NOTE: L1's QEMU died on its own assertion while booting, before \
+                         any vfplug code ran ({a}); booting L1 once more"
+                    );
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    };
     f.record("sriov.l1_boot_to_ready", t0.elapsed());
     let exit = format!("{L1_PREFIX} EXIT");
     // The agent narrates its own slow steps; this only covers its silences.
