@@ -230,22 +230,22 @@ impl NodeService {
                 };
                 NodeError::new(code, format!("qmpSocket: {e}"))
             };
-            let path = vfplug_host::vmpod::qmp_socket_path(
-                &opts.kubelet_dir,
-                &att.pod_uid,
-                &req.qmp_socket,
-            )
-            .map_err(refused)?;
-            match vfplug_host::vmpod::resolve_qmp_socket(
+            let path = match vfplug_host::vmpod::resolve_qmp_socket(
                 &opts.kubelet_dir,
                 &att.pod_uid,
                 &req.qmp_socket,
                 &opts.qmp_trusted_uids,
             ) {
-                Ok(_) => {}
-                Err(e) if e.is_missing() => {}
+                Ok(sock) => sock.path(),
+                // Not there yet: where it will be, if the pod's volume is there (else 11).
+                Err(e) if e.is_missing() => vfplug_host::vmpod::qmp_socket_path(
+                    &opts.kubelet_dir,
+                    &att.pod_uid,
+                    &req.qmp_socket,
+                )
+                .map_err(refused)?,
                 Err(e) => return Err(refused(e)),
-            }
+            };
             Some(vfplug_core::VmRef {
                 pod,
                 qmp_socket: path.display().to_string(),

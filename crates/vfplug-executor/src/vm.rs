@@ -351,10 +351,9 @@ impl<L: LedgerPort> Executor<L> {
     /// The waiter of `vm`, unless one runs already (one per VM: its VFs share the connection).
     fn spawn_waiter(self: &Arc<Self>, vm: VmRef) {
         let mut waiters = lock(&self.waiters);
-        if waiters
-            .get(&vm.qmp_socket)
-            .is_some_and(|h| !h.is_finished())
-        {
+        // Ended waiters go (VM pods come and go over a node's life).
+        waiters.retain(|_, h| !h.is_finished());
+        if waiters.contains_key(&vm.qmp_socket) {
             return;
         }
         let me = Arc::clone(self);

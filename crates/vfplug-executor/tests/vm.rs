@@ -127,6 +127,18 @@ fn attach_script(s: Script, host: &str) -> Script {
         .ret(peripherals(&["vfplug-net1"]))
 }
 
+/// A 1 GiB guest's attach up to `device_add`, whose answer the test scripts next.
+fn until_device_add() -> Script {
+    Script::new()
+        .expect("query-memory-size-summary")
+        .ret(json!({"base-memory": GIB}))
+        .expect("qom-list")
+        .ret(peripherals(&[]))
+        .expect("query-pci")
+        .ret(pci_tree())
+        .expect("device_add")
+}
+
 struct Vm {
     s: common::Setup,
     memlock: Arc<FakeMemlock>,
@@ -294,18 +306,10 @@ async fn the_guest_refusing_keeps_the_device_attached() {
 
 #[tokio::test]
 async fn a_failed_device_add_leaves_nothing_in_the_guest_and_the_vf_configured() {
-    let script = Script::new()
-        .expect("query-memory-size-summary")
-        .ret(json!({"base-memory": GIB}))
-        .expect("qom-list")
-        .ret(peripherals(&[]))
-        .expect("query-pci")
-        .ret(pci_tree())
-        .expect("device_add")
-        .error(
-            "GenericError",
-            "vfio 0000:5e:01.0: failed to setup container for group 7: Operation not permitted",
-        );
+    let script = until_device_add().error(
+        "GenericError",
+        "vfio 0000:5e:01.0: failed to setup container for group 7: Operation not permitted",
+    );
     let v = start(script).await;
     let t = attach(&v.s, 0).await;
     let e = v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap_err();
@@ -357,15 +361,7 @@ async fn no_free_root_port_is_try_again_and_touches_nothing() {
 /// it (a VM step owns it) until a reconnect decides.
 #[tokio::test]
 async fn a_lost_connection_during_the_attach_never_frees_the_vf() {
-    let script = Script::new()
-        .expect("query-memory-size-summary")
-        .ret(json!({"base-memory": GIB}))
-        .expect("qom-list")
-        .ret(peripherals(&[]))
-        .expect("query-pci")
-        .ret(pci_tree())
-        .expect("device_add")
-        .disconnect();
+    let script = until_device_add().disconnect();
     let v = start(script).await;
     let t = attach(&v.s, 0).await;
     let e = v.s.exec.vm_attach(pci(0), t, &vm()).await.unwrap_err();
@@ -580,15 +576,7 @@ async fn a_disconnect_mid_detach_stays_pending_until_a_reconnect_proves_the_remo
 /// and freed without anyone asking.
 #[tokio::test]
 async fn qemu_killed_mid_attach_frees_the_vf_once_its_exit_is_known() {
-    let script = Script::new()
-        .expect("query-memory-size-summary")
-        .ret(json!({"base-memory": GIB}))
-        .expect("qom-list")
-        .ret(peripherals(&[]))
-        .expect("query-pci")
-        .ret(pci_tree())
-        .expect("device_add")
-        .disconnect();
+    let script = until_device_add().disconnect();
     let v = start(script).await;
     *v.qmp.exited.lock().unwrap() = true;
     let t = attach(&v.s, 0).await;
@@ -664,15 +652,7 @@ async fn each_qmp_step_of_the_attach_failing() {
 /// client's timeout), and since QEMU may still add the device, the VF is not freed on a guess.
 #[tokio::test]
 async fn a_device_add_reply_that_never_comes_is_bounded_and_frees_nothing() {
-    let script = Script::new()
-        .expect("query-memory-size-summary")
-        .ret(json!({"base-memory": GIB}))
-        .expect("qom-list")
-        .ret(peripherals(&[]))
-        .expect("query-pci")
-        .ret(pci_tree())
-        .expect("device_add")
-        .sleep(Duration::from_secs(3));
+    let script = until_device_add().sleep(Duration::from_secs(3));
     let v = start_with(script, Some(Duration::from_millis(300))).await;
     let t = attach(&v.s, 0).await;
     let t0 = std::time::Instant::now();
