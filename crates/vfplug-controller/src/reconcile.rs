@@ -176,10 +176,9 @@ impl<P: NodePort> Ctx<P> {
             return Ok(Next::Idle);
         }
         if let Some(uid) = &p.release {
+            // Another round either way: to finish once nothing is left, or to try again.
             let left = self.release_pod(uid, dom.as_deref()).await;
-            if left > 0 {
-                next = Next::After(Duration::from_secs(2));
-            }
+            next = Next::After(Duration::from_secs(if left > 0 { 2 } else { 0 }));
         }
         if p.finish
             && let Some(d) = &dom
@@ -344,13 +343,17 @@ impl<P: NodePort> Ctx<P> {
     /// The pod is gone and the node holds nothing of it: the Domain goes.
     async fn finish(&self, domains: &Api<Domain>, d: &Domain) -> Result<(), ReconcileError> {
         let name = d.name_any();
+        let mut current = d.clone();
         if d.metadata.deletion_timestamp.is_none() {
             match domains.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => {}
+                // Held by the finalizer: the delete changed its resourceVersion.
+                Ok(either::Either::Left(now)) => current = now,
+                Ok(either::Either::Right(_)) => return Ok(()),
                 Err(e) if not_found(&e) => return Ok(()),
                 Err(e) => return Err(api("deleting the Domain")(e)),
             }
         }
+        let d = &current;
         if d.finalizers().iter().any(|f| f == FINALIZER) {
             let rest: Vec<String> = d
                 .finalizers()
