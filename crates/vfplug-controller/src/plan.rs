@@ -179,14 +179,27 @@ pub fn plan(f: &Facts) -> Plan {
 
 /// Why a spec net cannot be attached, if it cannot.
 fn refusal(n: &NetSpec, live: &NodeView, spec: &DomainSpec) -> Option<String> {
-    if n.name.is_empty() || n.name.len() > 15 || n.name.contains(['/', ' ', ':']) {
+    // What the kernel takes as an interface name (dev_valid_name): 1 to 15 bytes, no '/', ':'
+    // or whitespace of any kind, not "." or "..".
+    if n.name.is_empty()
+        || n.name.len() > 15
+        || n.name == "."
+        || n.name == ".."
+        || n.name
+            .contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+    {
         return Some(format!(
-            "name {:?}: an interface name of 1 to 15 characters without '/', ':' or spaces",
+            "name {:?}: an interface name of 1 to 15 characters without '/', ':' or whitespace, \
+             not \".\" or \"..\"",
             n.name
         ));
     }
-    if n.network.trim().is_empty() {
-        return Some(format!("{}: network is empty", n.name));
+    // A net is a NetworkAttachmentDefinition or an inline config (nad::resolve), never both.
+    if n.network.trim().is_empty() == n.config.is_none() {
+        return Some(format!(
+            "{}: give exactly one of network (a NetworkAttachmentDefinition) and config (inline)",
+            n.name
+        ));
     }
     if spec.nets.iter().filter(|m| m.name == n.name).count() > 1 {
         return Some(format!("{}: the name is given more than once", n.name));
