@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -74,8 +74,8 @@ pub struct Ctx<P> {
     pub pods: Store<Pod>,
     /// The Domains of this node (watch cache).
     pub domains: Store<Domain>,
-    /// Records the Events.
-    pub recorder: Recorder,
+    /// Who records the Events (the controller, on this node).
+    pub reporter: Reporter,
 }
 
 impl<P> std::fmt::Debug for Ctx<P> {
@@ -448,9 +448,16 @@ impl<P: NodePort> Ctx<P> {
 
     /// Records `notes` as Events of the Domain. An Event that cannot be written is logged, never
     /// a reason to fail the round.
+    ///
+    /// Each note is an Event of its own. kube's [`Recorder`] folds every Event of the same
+    /// object, type, reason and action it has sent in the last minutes into a series of the
+    /// first (a PATCH that bumps its count and keeps its note), whatever the note says: the
+    /// Attached of net2 would show as a second "VF ... (net net1)". The notes are already only
+    /// what changed, so nothing is folded: a recorder per note, whose cache is empty.
     pub async fn publish(&self, d: &Domain, notes: &[Note]) {
         let reference = d.object_ref(&());
         for n in notes {
+            let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
             let ev = Event {
                 type_: if n.warning {
                     EventType::Warning
@@ -462,7 +469,7 @@ impl<P: NodePort> Ctx<P> {
                 action: n.reason.to_owned(),
                 secondary: None,
             };
-            if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
                 warn!(reason = n.reason, error = %e, "could not record an Event");
             }
         }

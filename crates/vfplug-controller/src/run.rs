@@ -19,7 +19,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
@@ -162,13 +162,10 @@ pub async fn run<P: NodePort>(
         port,
         pods: pod_writer.as_reader(),
         domains: dom_writer.as_reader(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: crate::reconcile::MANAGER.into(),
-                instance: Some(opts.node.clone()),
-            },
-        ),
+        reporter: Reporter {
+            controller: crate::reconcile::MANAGER.into(),
+            instance: Some(opts.node.clone()),
+        },
     });
     let mut queue = Queue::default();
     let mut running: JoinSet<(Key, Result<Next, ()>)> = JoinSet::new();
