@@ -25,11 +25,20 @@ pub enum NadError {
     #[error("give exactly one of network and config")]
     OneOf,
     /// The NetworkAttachmentDefinition does not exist (or cannot be read).
-    #[error("NetworkAttachmentDefinition {0}: {1}")]
+    #[error("NetworkAttachmentDefinition {0}: {msg}", msg = fetch_message(.1))]
     Fetch(String, kube::Error),
     /// Its `spec.config` is missing or not a vfplug config.
     #[error("{0}: {1}")]
     Config(String, String),
+}
+
+/// What the API server said, as a person reads it: its message, not kube's dump of the whole
+/// Status (this text ends up in the Domain's Synced condition and an Event).
+fn fetch_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if !s.message.is_empty() => s.message.clone(),
+        e => e.to_string(),
+    }
 }
 
 impl NadError {
