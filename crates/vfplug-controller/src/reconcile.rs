@@ -192,11 +192,17 @@ impl<P: NodePort> Ctx<P> {
         if p.add_finalizer {
             let mut fins = d.finalizers().to_vec();
             fins.push(FINALIZER.to_owned());
+            // A merge patch replaces the whole list: compare-and-swap on the resourceVersion, as
+            // when the finalizer goes, so one someone else added meanwhile is not dropped (409,
+            // and the next round sees it).
             domains
                 .patch(
                     name,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": fins}})),
+                    &Patch::Merge(json!({"metadata": {
+                        "finalizers": fins,
+                        "resourceVersion": d.resource_version(),
+                    }})),
                 )
                 .await
                 .map_err(api("adding the finalizer"))?;

@@ -1105,6 +1105,11 @@ async fn a_missing_finalizer_is_put_back() {
                     s.body["metadata"]["finalizers"],
                     json!(["example.com/keep", "vfplug.io/release"])
                 );
+                assert_eq!(
+                    s.body["metadata"]["resourceVersion"], "100",
+                    "the list is replaced whole: compare-and-swap, or another's finalizer \
+                     added meanwhile is lost"
+                );
                 let mut out = d2;
                 out["metadata"]["finalizers"] = s.body["metadata"]["finalizers"].clone();
                 (StatusCode::OK, out)
