@@ -1118,3 +1118,56 @@ async fn a_missing_finalizer_is_put_back() {
         .await;
     assert_eq!(out.unwrap(), Next::Idle);
 }
+
+/// The user deletes the Domain of a running VM: its managed nets are detached (not the CNI
+/// ones), no status is written to a Domain on its way out, and once they are gone our
+/// finalizer comes off (no second DELETE), compare-and-swap on the cached resourceVersion.
+#[tokio::test]
+async fn a_domain_deleted_under_a_live_vm_detaches_its_nets_then_lets_go() {
+    let v = view(
+        UID,
+        &[
+            ("net1", PCI_A, Phase::Attached),
+            ("net2", PCI_B, Phase::Attached),
+        ],
+        &["net2"],
+        &["net1"],
+    );
+    let mut d = with_status(&domain_json(UID, &[("net2", "sriov-net2")]), &v, 1_000);
+    d["metadata"]["deletionTimestamp"] = json!("2026-12-03T19:00:00Z");
+    let port = Fake::default()
+        .holding(UID, v)
+        .release_answers(Ok(released(PCI_B)), None);
+    let mut h = Harness::new(port, vec![pod(UID, true, "Running")], vec![domain(&d)]);
+
+    let (out, seen) = h.round(vec![]).await;
+    assert_eq!(out.unwrap(), Next::Idle);
+    assert!(seen.is_empty(), "no status for a Domain being deleted");
+    assert_eq!(
+        h.port.releases(),
+        vec![(format!("vfplug-domain-{UID}"), "net2".to_owned())]
+    );
+
+    let (out, _) = h
+        .round(vec![expect(
+            Method::PATCH,
+            format!("{DOMAINS}/{NAME}"),
+            |s| {
+                assert_eq!(s.content_type, "application/merge-patch+json");
+                assert_eq!(
+                    s.body["metadata"],
+                    json!({ "finalizers": [], "resourceVersion": "100" })
+                );
+                let mut out = s.body.clone();
+                out["apiVersion"] = json!("vfplug.io/v1alpha1");
+                out["kind"] = json!("Domain");
+                out["metadata"]["name"] = json!(NAME);
+                out["spec"] = json!({});
+                (StatusCode::OK, out)
+            },
+        )])
+        .await;
+    assert_eq!(out.unwrap(), Next::Idle);
+    assert_eq!(h.port.releases().len(), 1, "the CNI net stays with the pod");
+    assert_eq!(h.port.view(UID).cni.len(), 1);
+}
