@@ -1171,3 +1171,28 @@ async fn a_domain_deleted_under_a_live_vm_detaches_its_nets_then_lets_go() {
     assert_eq!(h.port.releases().len(), 1, "the CNI net stays with the pod");
     assert_eq!(h.port.view(UID).cni.len(), 1);
 }
+
+/// A gone pod's VF that cannot be restored is quarantined by the node: a warning Event saying
+/// so, and nothing left to retry (the next round finishes the Domain).
+#[tokio::test]
+async fn a_gone_pods_vf_quarantined_is_a_warning() {
+    let held = view(OLD, &[("net2", PCI_B, Phase::Attached)], &["net2"], &[]);
+    let d = with_status(&domain_json(OLD, &[("net2", "sriov-net2")]), &held, 1_000);
+    let port = Fake::default().holding(OLD, held).release_answers(
+        Ok(Released {
+            pci: Some(PCI_B.parse().unwrap()),
+            released: false,
+            quarantined: true,
+            note: "the VF's MAC could not be restored: quarantined".into(),
+        }),
+        None,
+    );
+    let mut h = Harness::new(port, vec![], vec![domain(&d)]);
+    let (out, seen) = h.round(vec![event("Quarantined", "Warning")]).await;
+    assert_eq!(out.unwrap(), Next::Idle);
+    assert_eq!(
+        seen[0].body["note"],
+        "net2: the VF's MAC could not be restored: quarantined"
+    );
+    assert!(!h.port.view(OLD).holds_any());
+}
