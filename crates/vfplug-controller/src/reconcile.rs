@@ -27,6 +27,10 @@ use crate::plan::{
 };
 use crate::port::NodePort;
 
+/// How long a net whose config is wrong (its NetworkAttachmentDefinition missing, say) waits
+/// before it is tried again.
+pub const CONFIG_RETRY: Duration = Duration::from_secs(60);
+
 /// The field manager of everything the controller writes.
 pub const MANAGER: &str = "vfplug-controller";
 
@@ -227,15 +231,24 @@ impl<P: NodePort> Ctx<P> {
                 errors.push(e);
             }
         }
+        // Errors that may clear by themselves (QEMU not answering, the pool empty, the API
+        // server) are retried soon; a config error (a NAD missing, a bad config) only slowly:
+        // the NAD is not watched, so this retry is how its creation is noticed.
+        let mut soon = errors.iter().any(|e| e.reason != "Refused");
+        let mut slow = false;
         if let Some(pod) = &pod {
             for net in &p.attach {
-                if let Some(e) = self.attach(pod, net).await {
+                if let Some((e, transient)) = self.attach(pod, net).await {
+                    soon |= transient;
+                    slow |= !transient;
                     errors.push(e);
                 }
             }
         }
-        if errors.iter().any(|e| e.reason != "Refused") {
+        if soon {
             next = Next::After(Duration::from_secs(5));
+        } else if slow {
+            next = Next::After(CONFIG_RETRY);
         }
 
         if p.write_status && !df.deleting {
@@ -419,18 +432,22 @@ impl<P: NodePort> Ctx<P> {
         }
     }
 
-    async fn attach(&self, pod: &Pod, net: &vfplug_crd::NetSpec) -> Option<NetError> {
-        let err = |reason, message| {
-            Some(NetError {
-                name: net.name.clone(),
-                reason,
-                message,
-            })
+    /// Attaches `net`; on failure, why and whether trying again soon may help.
+    async fn attach(&self, pod: &Pod, net: &vfplug_crd::NetSpec) -> Option<(NetError, bool)> {
+        let err = |message, transient| {
+            Some((
+                NetError {
+                    name: net.name.clone(),
+                    reason: "Attach",
+                    message,
+                },
+                transient,
+            ))
         };
         let ns = pod.namespace().unwrap_or_default();
         let resolved = match nad::resolve(&self.client, &ns, net).await {
             Ok(r) => r,
-            Err(e) => return err("Attach", e.to_string()),
+            Err(e) => return err(e.to_string(), e.transient()),
         };
         let facts = pod_facts(pod);
         let id = PodId {
@@ -441,14 +458,24 @@ impl<P: NodePort> Ctx<P> {
         };
         let req = match nad::add_request(&id, net, &resolved) {
             Ok(r) => r,
-            Err(e) => return err("Attach", e.to_string()),
+            Err(e) => return err(e.to_string(), false),
         };
         match self.port.attach(req).await {
             Ok(r) => {
                 info!(net = %net.name, pci = %r.pci_address, owed = r.attach_pending, "net attached");
                 None
             }
-            Err(e) => err("Attach", e.to_string()),
+            Err(e) => {
+                // The node's config errors do not clear by themselves; the rest may (11, busy).
+                let config = matches!(
+                    e.code(),
+                    CniCode::InvalidConfig
+                        | CniCode::InvalidEnv
+                        | CniCode::NoSuchDevice
+                        | CniCode::Decode
+                );
+                err(e.to_string(), !config)
+            }
         }
     }
 
