@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubelet and kubectl from Debian's `kubernetes` source package (1.20.2) and
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl from Debian's `kubernetes` source package (1.20.2) and
 # installs etcd, containerd, runc and the CNI plugins from Debian, for the real Kubernetes test tier.
 #
 # Recipe and the reasons behind each step: ../shared/research/k8s-lab.md. The binaries are cached
 # outside the repository, keyed by the source package's version, so a machine builds them once:
-#   $K8S_CACHE/<version>/bin/{kube-apiserver,kubelet,kubectl}
+#   $K8S_CACHE/<version>/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,kubectl}
+# (the controller-manager creates ServiceAccounts' token secrets, collects garbage of owned
+# objects and finishes namespace deletions; the scheduler places pods by the node's allocatable).
 # K8S_CACHE defaults to /var/cache/vfplug/k8s. Needs root (apt). Idempotent: with the cache filled it
 # only checks the packages and prints the paths. Nothing here is committed.
 set -euo pipefail
@@ -41,7 +43,10 @@ fi
 version="$(apt-cache showsrc kubernetes 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -1)"
 [ -n "$version" ] || { echo "build.sh: no kubernetes source package found (deb-src entry?)" >&2; exit 1; }
 out="$CACHE/$version/bin"
-if [ -x "$out/kube-apiserver" ] && [ -x "$out/kubelet" ] && [ -x "$out/kubectl" ]; then
+COMPONENTS="kubectl kubelet kube-apiserver kube-controller-manager kube-scheduler"
+cached=1
+for what in $COMPONENTS; do [ -x "$out/$what" ] || cached=0; done
+if [ "$cached" = 1 ]; then
     step "cached: $out (kubernetes $version)"
     exit 0
 fi
@@ -71,7 +76,7 @@ if [ ! -f "$rdir/.vfplug-replaced" ]; then
 fi
 
 export PATH="/usr/lib/go-1.22/bin:$PATH" GO111MODULE=off GOFLAGS= GOCACHE="$CACHE/gocache"
-for what in kubectl kubelet kube-apiserver; do
+for what in $COMPONENTS; do
     [ -x "$out/$what" ] && continue
     step "make WHAT=cmd/$what (kube-apiserver takes 5-10 min on 2 cores)"
     (cd "$work/tree" && make WHAT="cmd/$what" >"$CACHE/$version/make-$what.log" 2>&1) \
