@@ -18,3 +18,23 @@ vm-setup:
 vm-test: vm-setup
 	VMLAB_TIER=$(TIER) VMLAB_REQUIRE=$(VMLAB_REQUIRE) \
 	  $(CARGO) nextest run -p vfplug-vmlab --no-capture --no-fail-fast --test-threads 1
+
+# The real Kubernetes tier (tests/k8s, docs/k8s-lab.md): a one-node Kubernetes 1.20 cluster on
+# this machine (root). k8s-test brings it up if needed and leaves it up; k8s-down stops it.
+#   make k8s-test                  build (cached) + up + the vfplug-k8slab suite (~80 s)
+K8S_LAB_DIR ?= /tmp/vfplug-k8s
+
+.PHONY: k8s-build k8s-up k8s-down k8s-test
+
+k8s-build:
+	bash tests/k8s/build.sh
+
+k8s-up: k8s-build
+	K8S_LAB_DIR=$(K8S_LAB_DIR) tests/k8s/cluster.sh up
+
+k8s-down:
+	K8S_LAB_DIR=$(K8S_LAB_DIR) tests/k8s/cluster.sh down
+
+k8s-test: k8s-up
+	VFPLUG_K8S_ENV=$(K8S_LAB_DIR)/env VFPLUG_REQUIRE=1 \
+	  $(CARGO) nextest run -p vfplug-k8slab --no-capture --no-fail-fast --test-threads 1

@@ -7,6 +7,12 @@
 #
 #   bash scripts/test-all.sh            # as root on a fresh Debian bookworm machine
 #   VMLAB_TIERS=qemu,sriov bash scripts/test-all.sh   # leave out the slow tier (~8 min less)
+#   K8S_TIER=0 bash scripts/test-all.sh  # leave out the real Kubernetes tier (says so loudly)
+#
+# The real Kubernetes tier (docs/k8s-lab.md) runs last: vfplugd against a real kubelet 1.20,
+# kube-apiserver and containerd on a one-node cluster (tests/k8s/cluster.sh). Its binaries are
+# built from Debian's source by tests/k8s/build.sh (~15 min on a fresh 2-core machine, cached in
+# /var/cache/vfplug/k8s afterwards), in the background while the other suites run.
 #
 # Setup needs root (apt-get); without root it assumes the packages are there already.
 set -euo pipefail
@@ -36,13 +42,62 @@ fi
 echo "== setup: VM lab (QEMU 10 from bookworm-backports, cached kernel and busybox)"
 bash tests/vmlab/setup.sh
 
+# The Kubernetes build starts now (after the other apt-get runs: it uses apt-get too) and
+# overlaps the cargo suites, niced so it slows them less; it is waited for before its tier.
+K8S_TIER="${K8S_TIER:-1}"
+K8S_BUILD_LOG="${K8S_BUILD_LOG:-/tmp/vfplug-k8s-build.log}"
+k8s_build_pid=""
+k8s_unrunnable=0
+if [ "$K8S_TIER" = 0 ]; then
+    echo "== SKIPPING the real Kubernetes tier (K8S_TIER=0): vfplugd is NOT tested against a real kubelet" >&2
+elif [ "$(id -u)" != 0 ]; then
+    echo "== SKIPPING the real Kubernetes tier: it needs root (cluster.sh, build.sh)" >&2
+    # In CI a tier that cannot run is a failure (set K8S_TIER=0 to leave it out on purpose).
+    [ "${CI:-}" = true ] && k8s_unrunnable=1
+else
+    echo "== setup: Kubernetes 1.20 binaries in the background (tests/k8s/build.sh, log $K8S_BUILD_LOG)"
+    nice -n 10 bash tests/k8s/build.sh >"$K8S_BUILD_LOG" 2>&1 &
+    k8s_build_pid=$!
+fi
+
 echo "== tests: workspace (VM lab tiers: $TIERS)"
 # The VM lab runs its VMs one at a time; everything else in parallel.
 # Both suites always run, so one failure does not hide the other's results.
 status=0
-VMLAB_TIER="" cargo nextest run --workspace --exclude vfplug-vmlab --no-fail-fast || status=1
+VMLAB_TIER="" cargo nextest run --workspace --exclude vfplug-vmlab --exclude vfplug-k8slab \
+    --no-fail-fast || status=1
 VMLAB_TIER="$TIERS" VMLAB_REQUIRE=1 \
     cargo nextest run -p vfplug-vmlab --no-capture --no-fail-fast --test-threads 1 || status=1
+
+if [ -n "$k8s_build_pid" ]; then
+    echo "== tests: real Kubernetes tier (docs/k8s-lab.md)"
+    echo "== waiting for tests/k8s/build.sh (log $K8S_BUILD_LOG)"
+    if ! wait "$k8s_build_pid"; then
+        echo "== tests/k8s/build.sh FAILED; its log:" >&2
+        cat "$K8S_BUILD_LOG" >&2
+        status=1
+    else
+        tail -n 1 "$K8S_BUILD_LOG"
+        export K8S_LAB_DIR="${K8S_LAB_DIR:-/tmp/vfplug-k8s}"
+        # Down whatever happens (a failed up, a failed test, Ctrl-C): nothing may keep running.
+        trap 'bash tests/k8s/cluster.sh down || true' EXIT
+        if bash tests/k8s/cluster.sh up; then
+            VFPLUG_K8S_ENV="$K8S_LAB_DIR/env" \
+                cargo nextest run -p vfplug-k8slab --no-capture --no-fail-fast --test-threads 1 \
+                || status=1
+        else
+            echo "== tests/k8s/cluster.sh up FAILED (daemon log tail above); the Kubernetes tier did not run" >&2
+            status=1
+        fi
+        bash tests/k8s/cluster.sh down || status=1
+        trap - EXIT
+    fi
+fi
+if [ "$k8s_unrunnable" = 1 ]; then
+    echo "== FAILED: CI without root cannot run the real Kubernetes tier (K8S_TIER=0 leaves it out)" >&2
+    status=1
+fi
+
 if [ "$status" != 0 ]; then
     echo "== some tests FAILED (see above)" >&2
 fi

@@ -504,6 +504,38 @@ pub fn pod_requesting(
     }))
 }
 
+/// A VM pod stand-in: the lab's `vm` image (busybox and Debian's merged-/usr links) with the
+/// host's /usr mounted read-only at /usr (hostPath), so `command` can run the host's
+/// `/usr/bin/qemu-system-x86_64`; an `emptyDir` volume `vm` at /var/run/vm for sockets (QMP).
+/// Never restarted, 1 s grace, no ServiceAccount token. Add annotations or resources to the
+/// returned object as the test needs.
+pub fn vm_pod(name: &str, image: &str, command: &[&str]) -> Result<Pod, LabError> {
+    json_to(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "vfplug-k8slab"}},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "vm",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "command": command,
+                "volumeMounts": [
+                    {"name": "host-usr", "mountPath": "/usr", "readOnly": true},
+                    {"name": "vm", "mountPath": "/var/run/vm"},
+                ],
+            }],
+            "volumes": [
+                {"name": "host-usr", "hostPath": {"path": "/usr", "type": "Directory"}},
+                {"name": "vm", "emptyDir": {}},
+            ],
+        },
+    }))
+}
+
 /// Creates `pod` in `ns`.
 pub async fn create_pod(client: &kube::Client, ns: &str, pod: &Pod) -> Result<Pod, LabError> {
     let name = pod.metadata.name.clone().unwrap_or_default();
