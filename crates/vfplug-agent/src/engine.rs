@@ -78,6 +78,7 @@ pub enum AgentError {
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
+    node: crate::node::NodeHandle,
     ready: watch::Receiver<bool>,
     registry: Arc<Registry>,
     task: JoinHandle<Result<(), AgentError>>,
@@ -185,6 +186,7 @@ impl Agent {
         }
 
         let (ready_tx, ready_rx) = watch::channel(false);
+        let node = crate::node::NodeHandle::new(Arc::clone(&shared), Arc::clone(&executor));
         let node_api = match shared.opts.node_socket.clone() {
             Some(path) => Some(crate::node::serve(
                 Arc::clone(&shared),
@@ -201,6 +203,7 @@ impl Agent {
             supervise(main, node_api, journal, writer, cancel).instrument(info_span!("agent")),
         );
         Ok(Self {
+            node,
             ready: ready_rx,
             registry: Arc::new(registry),
             task,
@@ -211,6 +214,11 @@ impl Agent {
     /// while every critical task runs.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.clone()
+    }
+
+    /// The node API in process (for the Domain controller).
+    pub fn node(&self) -> crate::node::NodeHandle {
+        self.node.clone()
     }
 
     /// The metrics registry (for `/metrics`).

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 struct HttpState {
     ready: watch::Receiver<bool>,
-    registry: Arc<Registry>,
+    registries: Vec<Arc<Registry>>,
 }
 
 /// Serves health, readiness and metrics on `addr` until `cancel` fires. Returns the bound
@@ -26,13 +26,24 @@ pub async fn serve(
     registry: Arc<Registry>,
     cancel: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, ready, vec![registry], cancel).await
+}
+
+/// [`serve`], with the metrics of several registries in one exposition (the agent's, the Domain
+/// controller's).
+pub async fn serve_with(
+    addr: SocketAddr,
+    ready: watch::Receiver<bool>,
+    registries: Vec<Arc<Registry>>,
+    cancel: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(HttpState { ready, registry });
+        .with_state(HttpState { ready, registries });
     let task = tokio::spawn(async move {
         let shutdown = cancel.cancelled_owned();
         if let Err(e) = axum::serve(listener, app)
@@ -57,8 +68,14 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+    let encoded = s
+        .registries
+        .iter()
+        .try_for_each(|r| encode_registry(&mut body, r))
+        .and_then(|()| encode_eof(&mut body));
+    match encoded {
         Ok(()) => (
             StatusCode::OK,
             [(

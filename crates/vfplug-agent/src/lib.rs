@@ -16,6 +16,7 @@ pub(crate) mod kubelet;
 pub mod metrics;
 pub mod node;
 pub mod options;
+pub mod podindex;
 pub(crate) mod pools;
 pub mod ports;
 pub(crate) mod state;
@@ -23,4 +24,6 @@ pub mod store;
 pub mod wal;
 
 pub use engine::{Agent, AgentError};
+pub use node::{AttachmentInfo, NodeError, NodeHandle, Released};
 pub use options::{AgentOptions, Registration};
+pub use podindex::{PodEntry, PodIndex, PodLookup, QMP_SOCKET_ANNOTATION};

@@ -19,17 +19,21 @@ use vfplug_core::{MacAddr, PciAddress, PodRef, PoolConfig, VfConfig, VfLinkState
 use vfplug_executor::{AddRequest, CheckRequest, ErrorKind, ExecError, LedgerPort};
 use vfplug_host::net::{IpNet, RouteSpec};
 
+use crate::podindex::{PodLookup, QMP_SOCKET_ANNOTATION};
 use crate::pools::resolve_pool;
 use crate::ports::AgentExecutor;
 use crate::ports::{facts, free_vfs, pool_of_vf};
 use crate::state::{Shared, lock};
 
+/// How long a CNI ADD waits for the pod watch to show a pod it has not seen yet.
+const POD_WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How long a shutdown waits for node-API clients to finish their calls before closing them.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A node-API failure: the CNI code the shim prints, a message, and details.
-#[derive(Debug)]
-pub(crate) struct NodeError {
+/// A node-API failure: the CNI code the shim prints, and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeError {
     code: CniCode,
     msg: String,
 }
@@ -41,7 +45,25 @@ impl NodeError {
             msg: msg.into(),
         }
     }
+
+    /// The CNI error code (11: try again later).
+    pub fn code(&self) -> CniCode {
+        self.code
+    }
+
+    /// What went wrong, for a person.
+    pub fn message(&self) -> &str {
+        &self.msg
+    }
 }
+
+impl std::fmt::Display for NodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (CNI code {})", self.msg, self.code.code())
+    }
+}
+
+impl std::error::Error for NodeError {}
 
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Self {
@@ -311,7 +333,39 @@ impl NodeService {
         })
     }
 
-    async fn add(&self, req: v1::AddRequest) -> Result<v1::AddResponse, NodeError> {
+    /// A VM pod's QMP socket from the pod watch (the `vfplug.io/qmp-socket` annotation) when
+    /// the network config names none: no API request per CNI call (docs/domain.md).
+    async fn with_pod_annotation(&self, req: &mut v1::AddRequest) -> Result<(), NodeError> {
+        let Some(index) = &self.shared.opts.pod_index else {
+            return Ok(());
+        };
+        let uid = req
+            .attachment
+            .as_ref()
+            .map(|a| a.pod_uid.clone())
+            .unwrap_or_default();
+        if !req.qmp_socket.is_empty() || uid.is_empty() {
+            return Ok(());
+        }
+        match index.lookup(&uid, POD_WATCH_WAIT).await {
+            PodLookup::VmPod(spec) => req.qmp_socket = spec,
+            PodLookup::NotVmPod => {}
+            // A VM pod's VF must not be configured as a container pod's: ask again.
+            PodLookup::Unknown => {
+                return Err(NodeError::new(
+                    CniCode::TryAgainLater,
+                    format!(
+                        "pod {uid} is not (yet) in vfplugd's pod watch, so whether it is a VM \
+                         pod ({QMP_SOCKET_ANNOTATION}) is unknown; try again"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn add(&self, mut req: v1::AddRequest) -> Result<v1::AddResponse, NodeError> {
+        self.with_pod_annotation(&mut req).await?;
         let add = self.add_request(&req)?;
         match self.exec.add(add).await {
             Ok(o) => {
@@ -613,7 +667,9 @@ impl v1::node_server::Node for NodeService {
         &self,
         r: Request<v1::AddRequest>,
     ) -> Result<Response<v1::AddResponse>, Status> {
-        Ok(Response::new(NodeService::lookup(self, r.get_ref())?))
+        let mut req = r.into_inner();
+        self.with_pod_annotation(&mut req).await?;
+        Ok(Response::new(NodeService::lookup(self, &req)?))
     }
 
     async fn del(&self, r: Request<v1::DelRequest>) -> Result<Response<v1::DelResponse>, Status> {
@@ -736,4 +792,108 @@ pub(crate) fn serve(
         },
         span,
     )))
+}
+
+/// One CNI attachment the ledger holds (for the Domain controller's view of a pod).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachmentInfo {
+    /// The attachment's owner: pod, container ID, ifname.
+    pub owner: Owner,
+    /// The CNI network it came from.
+    pub network: String,
+    /// The VF.
+    pub pci: PciAddress,
+    /// Whether it is a VM pod's (hot-plugged, or owed to its QEMU).
+    pub vm: bool,
+}
+
+/// How [`NodeHandle::release`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Released {
+    /// The VF the attachment held, if any.
+    pub pci: Option<PciAddress>,
+    /// Back in its pool.
+    pub released: bool,
+    /// Could not be restored: quarantined.
+    pub quarantined: bool,
+    /// What happened, for a person.
+    pub note: String,
+}
+
+/// The node API in process, for vfplugd's Domain controller (crate vfplug-controller): the same
+/// calls, validation and error codes the CNI plugin gets over the socket, and what the ledger
+/// holds per pod. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct NodeHandle {
+    svc: Arc<NodeService>,
+}
+
+impl NodeHandle {
+    pub(crate) fn new(shared: Arc<Shared>, exec: Arc<AgentExecutor>) -> Self {
+        Self {
+            svc: Arc::new(NodeService::new(shared, exec)),
+        }
+    }
+
+    /// `Node.Add`, as the CNI plugin would call it.
+    pub async fn add(&self, req: v1::AddRequest) -> Result<v1::AddResponse, NodeError> {
+        self.svc.add(req).await
+    }
+
+    /// `Node.Del`, as the CNI plugin would call it.
+    pub async fn del(&self, req: v1::DelRequest) -> Result<v1::DelResponse, NodeError> {
+        self.svc.del(req).await
+    }
+
+    /// Ends the attachment (container ID, ifname) as `Node.Del` would, and says how.
+    pub async fn release(&self, container_id: &str, ifname: &str) -> Result<Released, NodeError> {
+        let out = self
+            .svc
+            .exec
+            .del(container_id, ifname, self.svc.shared.opts.unplug_wait)
+            .await?;
+        Ok(Released {
+            pci: out.pci,
+            released: out.finalized.released,
+            quarantined: out.finalized.quarantined,
+            note: out.finalized.note,
+        })
+    }
+
+    /// The per-VM records (`Node.VmRecords`).
+    pub fn vm_records(&self, filter: &VmFilter) -> Vec<VmRecords> {
+        let st = lock(&self.svc.shared.state);
+        vm_records(&st.ledger, |pci| pool_of_vf(&st, *pci).cloned())
+            .into_iter()
+            .filter(|r| filter.matches(&r.vm))
+            .collect()
+    }
+
+    /// Every CNI attachment the ledger holds (VFs on their way back included, until Free).
+    pub fn attachments(&self) -> Vec<AttachmentInfo> {
+        let st = lock(&self.svc.shared.state);
+        st.ledger
+            .iter()
+            .filter_map(|(pci, s)| {
+                let lease = s.effective_lease()?;
+                let cni = lease.cni.as_deref()?;
+                Some(AttachmentInfo {
+                    owner: lease.owner.clone(),
+                    network: cni.network.clone(),
+                    pci: *pci,
+                    vm: cni.vm.is_some() || vfplug_core::records::vm_vf(s).is_some(),
+                })
+            })
+            .collect()
+    }
+
+    /// Changes when records become durable in the ledger: a wake-up for whoever projects it.
+    pub fn ledger_changes(&self) -> tokio::sync::watch::Receiver<crate::store::Durable> {
+        self.svc.shared.journal.progress()
+    }
+
+    /// The node's name.
+    pub fn node_name(&self) -> &str {
+        &self.svc.shared.opts.node_name
+    }
 }

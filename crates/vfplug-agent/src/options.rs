@@ -76,6 +76,9 @@ pub struct AgentOptions {
     pub sync_mode: SyncMode,
     /// How often the per-state gauges are recomputed.
     pub metrics_interval: Duration,
+    /// The pods of this node as the Domain controller's pod watch sees them (a VM pod's QMP
+    /// socket annotation); `None`: no controller, network configs name `qmpSocket`.
+    pub pod_index: Option<Arc<crate::podindex::PodIndex>>,
     /// How long a detach waits for the guest to acknowledge the unplug before the CNI call
     /// returns with the unplug pending (libvirt: 5 s).
     pub unplug_wait: Duration,
@@ -160,6 +163,7 @@ impl AgentOptions {
             vm_hostdev: vfplug_executor::HostdevModel::VfioPci,
             qmp_trusted_uids: vfplug_host::vmpod::default_trusted_owners(),
             memlock: None,
+            pod_index: None,
         }
     }
 }

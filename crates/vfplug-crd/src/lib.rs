@@ -46,8 +46,14 @@ pub struct NetSpec {
     /// Interface name in the pod's view (`net1`); it names the attachment and the QEMU device
     /// (`vfplug-<name>`).
     pub name: String,
-    /// The NetworkAttachmentDefinition of a vfplug network (`[namespace/]name`).
+    /// The NetworkAttachmentDefinition of a vfplug network (`[namespace/]name`; the Domain's
+    /// namespace when none is given).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub network: String,
+    /// An inline vfplug network config (JSON, as a NetworkAttachmentDefinition's
+    /// `spec.config`), instead of `network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 /// Where a VM's VF is. DESIGN.md §5 spells the unplug phase `unplugPending`; the node API and

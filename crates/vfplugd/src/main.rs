@@ -125,9 +125,25 @@ struct Args {
     /// (docs/vm-pods.md, "Crash safety").
     #[arg(long, env = "VFPLUG_FAILPOINT")]
     failpoint: Option<String>,
+    /// The Domain controller (docs/domain.md): `auto` runs it when a kubeconfig (this flag's
+    /// file, `KUBECONFIG`, `~/.kube/config`) or the in-cluster config is found, `on` requires
+    /// one, `off` never runs it.
+    #[arg(long, env = "VFPLUG_CONTROLLER", value_enum, default_value_t = ControllerArg::Auto)]
+    controller: ControllerArg,
+    /// The kubeconfig of the Domain controller [default: KUBECONFIG, ~/.kube/config, or the
+    /// in-cluster service account].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VFPLUG_LOG_JSON")]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ControllerArg {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -214,8 +230,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown-node".into()),
     };
+    // The Domain controller's client first: `--controller on` without a usable kubeconfig
+    // stops vfplugd before anything runs.
+    let ctl_metrics = vfplug_controller::Metrics::default();
+    let kube = match args.controller {
+        ControllerArg::Off => None,
+        mode => match vfplug_controller::client(args.kubeconfig.as_deref(), &ctl_metrics).await {
+            Ok(c) => Some(c),
+            Err(vfplug_controller::ClientError::NoConfig(why)) if mode == ControllerArg::Auto => {
+                tracing::info!(reason = %why, "Domain controller off: no Kubernetes config found");
+                None
+            }
+            Err(e) => return Err(e).context("--controller"),
+        },
+    };
+    let pod_index = kube
+        .as_ref()
+        .map(|_| Arc::new(vfplug_agent::PodIndex::default()));
     let opts = AgentOptions {
-        node_name,
+        node_name: node_name.clone(),
         sysfs_root: args.sysfs_root,
         dev_root: args.dev_root,
         kubelet_dir: args.kubelet_dir,
@@ -268,6 +301,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vm_hostdev,
         qmp_trusted_uids: args.qmp_trusted_uids.into_iter().collect(),
         memlock: None,
+        pod_index: pod_index.clone(),
     };
 
     let cancel = CancellationToken::new();
@@ -275,10 +309,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let agent = vfplug_agent::Agent::start(opts, cancel.clone())
         .await
         .context("starting the agent")?;
-    let (addr, http) = vfplug_agent::http::serve(
+    let mut ctl_registry = prometheus_client::registry::Registry::default();
+    ctl_metrics.register(&mut ctl_registry);
+    if let (Some(client), Some(index)) = (kube, pod_index) {
+        let (synced, _) = tokio::sync::watch::channel(false);
+        let opts = vfplug_controller::Options {
+            node: node_name.clone(),
+            concurrency: 4,
+        };
+        tokio::spawn(tracing::Instrument::instrument(
+            vfplug_controller::run(
+                client,
+                opts,
+                vfplug_controller::AgentPort(agent.node()),
+                index,
+                cancel.child_token(),
+                synced,
+            ),
+            tracing::info_span!("controller"),
+        ));
+    }
+    let (addr, http) = vfplug_agent::http::serve_with(
         args.http_addr,
         agent.ready(),
-        agent.registry(),
+        vec![agent.registry(), Arc::new(ctl_registry)],
         cancel.clone(),
     )
     .await
