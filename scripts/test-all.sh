@@ -79,8 +79,16 @@ if [ -n "$k8s_build_pid" ]; then
     else
         tail -n 1 "$K8S_BUILD_LOG"
         export K8S_LAB_DIR="${K8S_LAB_DIR:-/tmp/vfplug-k8s}"
-        # Down whatever happens (a failed up, a failed test, Ctrl-C): nothing may keep running.
-        trap 'bash tests/k8s/cluster.sh down || true' EXIT
+        # A cluster someone already runs in this lab dir (a developer's, another session's) is
+        # used and left running; one started here is stopped whatever happens (a failed up, a
+        # failed test, Ctrl-C): nothing of ours may keep running.
+        k8s_ours=1
+        if bash tests/k8s/cluster.sh running; then
+            k8s_ours=0
+            echo "== the lab cluster in $K8S_LAB_DIR was already up: using it and leaving it up"
+        else
+            trap 'bash tests/k8s/cluster.sh down || true' EXIT
+        fi
         if bash tests/k8s/cluster.sh up; then
             VFPLUG_K8S_ENV="$K8S_LAB_DIR/env" \
                 cargo nextest run -p vfplug-k8slab --no-capture --no-fail-fast --test-threads 1 \
@@ -89,8 +97,10 @@ if [ -n "$k8s_build_pid" ]; then
             echo "== tests/k8s/cluster.sh up FAILED (daemon log tail above); the Kubernetes tier did not run" >&2
             status=1
         fi
-        bash tests/k8s/cluster.sh down || status=1
-        trap - EXIT
+        if [ "$k8s_ours" = 1 ]; then
+            bash tests/k8s/cluster.sh down || status=1
+            trap - EXIT
+        fi
     fi
 fi
 if [ "$k8s_unrunnable" = 1 ]; then
