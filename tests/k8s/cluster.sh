@@ -362,7 +362,7 @@ up() {
     [ "$(id -u)" = 0 ] || die "needs root"
     [ -n "$BIN" ] || die "no Kubernetes binaries ($COMPONENTS) under $CACHE/*/bin: run tests/k8s/build.sh"
     local c
-    for c in etcd etcdctl containerd ctr runc gcc openssl; do
+    for c in etcd etcdctl containerd ctr runc gcc openssl curl ip; do
         command -v "$c" >/dev/null || die "no $c in PATH: run tests/k8s/build.sh (it installs the Debian packages)"
     done
     local ip; ip="$(node_ip)"
