@@ -82,6 +82,7 @@ for what in $COMPONENTS; do
     step "make WHAT=cmd/$what (kube-apiserver takes 5-10 min on 2 cores)"
     (cd "$work/tree" && make WHAT="cmd/$what" >"$CACHE/$version/make-$what.log" 2>&1) \
         || { tail -30 "$CACHE/$version/make-$what.log" >&2; exit 1; }
-    cp "$work/tree/_output/bin/$what" "$out/$what"
+    # Copied under a temporary name and renamed: an interrupted copy never looks cached.
+    cp "$work/tree/_output/bin/$what" "$out/$what.tmp" && mv "$out/$what.tmp" "$out/$what"
 done
 step "built: $out (kubernetes $version)"
