@@ -48,6 +48,19 @@ K8S_TIER="${K8S_TIER:-1}"
 K8S_BUILD_LOG="${K8S_BUILD_LOG:-/tmp/vfplug-k8s-build.log}"
 k8s_build_pid=""
 k8s_unrunnable=0
+k8s_cluster_ours=0
+# On any exit (a failure, Ctrl-C): the background build stops (its whole session: make and go
+# too) and a cluster this run started goes down. Nothing of ours may keep running.
+k8s_cleanup() {
+    if [ -n "$k8s_build_pid" ] && kill -0 "$k8s_build_pid" 2>/dev/null; then
+        echo "== stopping the background Kubernetes build" >&2
+        kill -TERM -- "-$k8s_build_pid" 2>/dev/null || true
+    fi
+    if [ "$k8s_cluster_ours" = 1 ]; then
+        bash tests/k8s/cluster.sh down || true
+    fi
+}
+trap k8s_cleanup EXIT
 if [ "$K8S_TIER" = 0 ]; then
     echo "== SKIPPING the real Kubernetes tier (K8S_TIER=0): vfplugd is NOT tested against a real kubelet" >&2
 elif [ "$(id -u)" != 0 ]; then
@@ -56,7 +69,8 @@ elif [ "$(id -u)" != 0 ]; then
     [ "${CI:-}" = true ] && k8s_unrunnable=1
 else
     echo "== setup: Kubernetes 1.20 binaries in the background (tests/k8s/build.sh, log $K8S_BUILD_LOG)"
-    nice -n 10 bash tests/k8s/build.sh >"$K8S_BUILD_LOG" 2>&1 &
+    # Its own session (setsid), so that k8s_cleanup can stop all of it.
+    setsid nice -n 10 bash tests/k8s/build.sh >"$K8S_BUILD_LOG" 2>&1 &
     k8s_build_pid=$!
 fi
 
@@ -72,15 +86,23 @@ VMLAB_TIER="$TIERS" VMLAB_REQUIRE=1 \
 if [ -n "$k8s_build_pid" ]; then
     echo "== tests: real Kubernetes tier (docs/k8s-lab.md)"
     echo "== waiting for tests/k8s/build.sh (log $K8S_BUILD_LOG)"
-    if ! wait "$k8s_build_pid"; then
-        echo "== tests/k8s/build.sh FAILED; its log:" >&2
+    build_rc=0
+    wait "$k8s_build_pid" || build_rc=$?
+    k8s_build_pid=""
+    if [ "$build_rc" != 0 ]; then
+        echo "== tests/k8s/build.sh FAILED (exit $build_rc); its log:" >&2
         cat "$K8S_BUILD_LOG" >&2
         status=1
     else
         tail -n 1 "$K8S_BUILD_LOG"
         export K8S_LAB_DIR="${K8S_LAB_DIR:-/tmp/vfplug-k8s}"
-        # Down whatever happens (a failed up, a failed test, Ctrl-C): nothing may keep running.
-        trap 'bash tests/k8s/cluster.sh down || true' EXIT
+        # A cluster someone already runs in this lab dir (a developer's, another session's) is
+        # used and left running; one started here goes down after the tests (or in k8s_cleanup).
+        if bash tests/k8s/cluster.sh running; then
+            echo "== the lab cluster in $K8S_LAB_DIR was already up: using it and leaving it up"
+        else
+            k8s_cluster_ours=1
+        fi
         if bash tests/k8s/cluster.sh up; then
             VFPLUG_K8S_ENV="$K8S_LAB_DIR/env" \
                 cargo nextest run -p vfplug-k8slab --no-capture --no-fail-fast --test-threads 1 \
@@ -89,8 +111,10 @@ if [ -n "$k8s_build_pid" ]; then
             echo "== tests/k8s/cluster.sh up FAILED (daemon log tail above); the Kubernetes tier did not run" >&2
             status=1
         fi
-        bash tests/k8s/cluster.sh down || status=1
-        trap - EXIT
+        if [ "$k8s_cluster_ours" = 1 ]; then
+            k8s_cluster_ours=0
+            bash tests/k8s/cluster.sh down || status=1
+        fi
     fi
 fi
 if [ "$k8s_unrunnable" = 1 ]; then

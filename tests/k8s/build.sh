@@ -20,13 +20,14 @@ step() { printf '[k8s-build %4ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 [ "$(id -u)" = 0 ] || { echo "build.sh: needs root (apt-get)" >&2; exit 1; }
 
 # Runtime packages: etcd (server + etcdctl for the readiness check), containerd, runc, CNI plugins,
-# and what the build and the images need (rsync for make, gcc for the static pause, busybox-static).
+# and what the build and the images need (rsync for make, gcc for the static pause, busybox-static),
+# and curl for cluster.sh's kubelet health check.
 if [ -f "$SOURCES" ] && ! grep -q 'bookworm-backports' "$SOURCES"; then
     step "adding bookworm-backports to the Suites: line of $SOURCES"
     sed -i -E '/^Suites:/{/bookworm-security/!s/$/ bookworm-backports/}' "$SOURCES"
     apt-get update -qq
 fi
-pkgs="etcd-server etcd-client containerd runc containernetworking-plugins rsync gcc libc6-dev busybox-static openssl iproute2 iptables conntrack"
+pkgs="etcd-server etcd-client containerd runc containernetworking-plugins rsync gcc libc6-dev busybox-static openssl iproute2 iptables conntrack curl"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -81,6 +82,7 @@ for what in $COMPONENTS; do
     step "make WHAT=cmd/$what (kube-apiserver takes 5-10 min on 2 cores)"
     (cd "$work/tree" && make WHAT="cmd/$what" >"$CACHE/$version/make-$what.log" 2>&1) \
         || { tail -30 "$CACHE/$version/make-$what.log" >&2; exit 1; }
-    cp "$work/tree/_output/bin/$what" "$out/$what"
+    # Copied under a temporary name and renamed: an interrupted copy never looks cached.
+    cp "$work/tree/_output/bin/$what" "$out/$what.tmp" && mv "$out/$what.tmp" "$out/$what"
 done
 step "built: $out (kubernetes $version)"

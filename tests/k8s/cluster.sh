@@ -9,6 +9,7 @@
 #   tests/k8s/cluster.sh env              # prints the env file (sourceable)
 #   tests/k8s/cluster.sh restart-kubelet  # stops and starts the kubelet process only
 #   tests/k8s/cluster.sh status
+#   tests/k8s/cluster.sh running          # exit 0 when every daemon of this lab dir runs
 #   tests/k8s/cluster.sh down             # stops everything, unmounts, leaves nothing running
 #
 # Every file lives under the lab dir ${K8S_LAB_DIR:-/tmp/vfplug-k8s}, except what the kubelet 1.20
@@ -361,7 +362,7 @@ up() {
     [ "$(id -u)" = 0 ] || die "needs root"
     [ -n "$BIN" ] || die "no Kubernetes binaries ($COMPONENTS) under $CACHE/*/bin: run tests/k8s/build.sh"
     local c
-    for c in etcd etcdctl containerd ctr runc gcc openssl; do
+    for c in etcd etcdctl containerd ctr runc gcc openssl curl ip; do
         command -v "$c" >/dev/null || die "no $c in PATH: run tests/k8s/build.sh (it installs the Debian packages)"
     done
     local ip; ip="$(node_ip)"
@@ -567,6 +568,8 @@ lab_pod_uids() {
 }
 
 down() {
+    # First: no test may take a stopped cluster for a running one.
+    rm -f "$LAB/env"
     local uids; uids="$(lab_pod_uids | tr '\n' ' ')"
     # Pods first, through the kubelet, while everything is up: the kubelet tears down their
     # sandboxes (CNI DEL, netns, volumes) and only then removes them from the API.
@@ -602,7 +605,7 @@ down() {
     # The kubelet's checkpoint in its hard-coded device-plugin dir (plugins remove their own sockets).
     rm -f "$DEVICE_PLUGIN_DIR/kubelet.sock" "$DEVICE_PLUGIN_DIR/kubelet_internal_checkpoint" \
         "$DEVICE_PLUGIN_DIR/DEPRECATION"
-    step "down: nothing of the lab runs; files stay in $LAB (rm -rf it for a fresh start)"
+    step "down: nothing of the lab runs; files stay in $LAB (rm -rf it for a fresh start), env file removed"
 }
 
 status() {
@@ -613,11 +616,19 @@ status() {
     if alive kube-apiserver; then node_ready && echo "node $NODE_NAME: Ready" || echo "node $NODE_NAME: not Ready"; fi
 }
 
+running() {
+    local n
+    for n in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet; do
+        alive "$n" || return 1
+    done
+}
+
 case "${1:-}" in
     up) up ;;
     down) down ;;
     env) [ -f "$LAB/env" ] || die "no $LAB/env: run '$0 up'"; cat "$LAB/env" ;;
     restart-kubelet) restart_kubelet ;;
     status) status ;;
-    *) echo "usage: $0 up|down|env|restart-kubelet|status" >&2; exit 2 ;;
+    running) running ;;
+    *) echo "usage: $0 up|down|env|restart-kubelet|status|running" >&2; exit 2 ;;
 esac

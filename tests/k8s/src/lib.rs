@@ -94,6 +94,9 @@ pub enum LabError {
         /// The last lines of its log.
         log: String,
     },
+    /// The fixture could not set something up (build vfplugd, build an object).
+    #[error("setup: {0}")]
+    Setup(String),
     /// Building the fake sysfs tree failed.
     #[error("fake sysfs: {0}")]
     Fixture(#[from] vfplug_host::fixture::FixtureError),
@@ -390,7 +393,7 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 fn json_to<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, LabError> {
-    serde_json::from_value(v).map_err(|e| LabError::Env(format!("building an object: {e}")))
+    serde_json::from_value(v).map_err(|e| LabError::Setup(format!("building an object: {e}")))
 }
 
 /// Polls `check` every 100 ms until it returns `Ok`, for at most `timeout`. `Err(observation)`
@@ -809,10 +812,7 @@ pub fn vfplugd_binary() -> Result<PathBuf, LabError> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| build_vfplugd().map_err(|e| e.to_string()))
         .clone()
-        .map_err(|e| LabError::Vfplugd {
-            what: e,
-            log: String::new(),
-        })
+        .map_err(LabError::Setup)
 }
 
 fn build_vfplugd() -> Result<PathBuf, LabError> {
@@ -824,10 +824,10 @@ fn build_vfplugd() -> Result<PathBuf, LabError> {
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
-        .ok_or_else(|| LabError::Env(format!("no profile dir above {}", exe.display())))?;
+        .ok_or_else(|| LabError::Setup(format!("no profile dir above {}", exe.display())))?;
     let target_dir = profile_dir
         .parent()
-        .ok_or_else(|| LabError::Env(format!("no target dir above {}", exe.display())))?;
+        .ok_or_else(|| LabError::Setup(format!("no target dir above {}", exe.display())))?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let mut c = Command::new(cargo);

@@ -249,22 +249,29 @@ async fn pod_gets_a_vf_in_its_env() {
     let greedy =
         pod_requesting("two-vfs", &lab.busybox_image, &pool.resource, 2, PRINT_ENV).unwrap();
     create_pod(&client, &ns.name, &greedy).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let out = lab
-        .kubectl(&[
-            "-n",
-            &ns.name,
-            "get",
-            "pod",
-            "two-vfs",
-            "-o",
-            "jsonpath={.status.phase} {.status.conditions[?(@.type==\"PodScheduled\")].reason}",
-        ])
-        .unwrap();
-    assert_eq!(
-        out.trim(),
-        "Pending Unschedulable",
-        "a pod asking for 2 VFs with 1 left"
+    // The scheduler says why (the message names the resource), and the pod stays Pending.
+    let phase_reason = "jsonpath={.status.phase} \
+        {.status.conditions[?(@.type==\"PodScheduled\")].reason} \
+        {.status.conditions[?(@.type==\"PodScheduled\")].message}";
+    let (out, _) = wait_for(
+        "the pod asking for 2 VFs with 1 left to be Unschedulable",
+        Duration::from_secs(30),
+        || async {
+            let out = lab
+                .kubectl(&["-n", &ns.name, "get", "pod", "two-vfs", "-o", phase_reason])
+                .map_err(|e| e.to_string())?;
+            if out.contains("Unschedulable") {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| fail(&lab, &d, "the pod asking for too many VFs", e));
+    assert!(
+        out.starts_with("Pending Unschedulable") && out.contains(&pool.resource),
+        "a pod asking for 2 VFs with 1 left: {out}"
     );
     delete_pod(&client, &ns.name, "two-vfs", POD_WAIT)
         .await
