@@ -350,6 +350,14 @@ impl NodeService {
         match index.lookup(&uid, POD_WATCH_WAIT).await {
             PodLookup::VmPod(spec) => req.qmp_socket = spec,
             PodLookup::NotVmPod => {}
+            // The watch has never listed (the API server unreachable since vfplugd started):
+            // the network config alone decides, as without a controller.
+            PodLookup::Unknown if !index.synced() => {
+                warn!(
+                    pod_uid = %uid,
+                    "the pod watch has not listed yet: {QMP_SOCKET_ANNOTATION} not consulted"
+                );
+            }
             // A VM pod's VF must not be configured as a container pod's: ask again.
             PodLookup::Unknown => {
                 return Err(NodeError::new(
