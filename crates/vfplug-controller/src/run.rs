@@ -270,20 +270,22 @@ pub async fn run<P: NodePort>(
     info!("Domain controller stopped");
 }
 
+/// The pods holding VFs on the node, by UID, with their namespace and name (empty when the
+/// runtime did not pass them).
+fn holder_names<P: NodePort>(port: &P) -> BTreeMap<String, (String, String)> {
+    port.holders()
+        .into_iter()
+        .filter(|h| !h.pod.uid.is_empty())
+        .map(|h| (h.pod.uid, (h.pod.namespace, h.pod.name)))
+        .collect()
+}
+
 /// The VMs whose view changed since the last ledger change.
 fn touched<P: NodePort>(
     ctx: &Ctx<P>,
     last: &mut BTreeMap<String, crate::plan::NodeView>,
 ) -> Vec<Key> {
-    let mut names: BTreeMap<String, (String, String)> = BTreeMap::new();
-    for h in ctx.port.holders() {
-        if !h.pod.uid.is_empty() {
-            names.insert(
-                h.pod.uid.clone(),
-                (h.pod.namespace.clone(), h.pod.name.clone()),
-            );
-        }
-    }
+    let mut names = holder_names(&ctx.port);
     for uid in last.keys() {
         if !names.contains_key(uid) {
             // Gone from the ledger: its last holder had the name.
@@ -325,15 +327,7 @@ fn touched<P: NodePort>(
 
 /// Releases what the node holds for pods that are gone and have no Domain to carry it.
 async fn sweep<P: NodePort>(ctx: &Ctx<P>, pods: &Api<Pod>) -> Result<(), ()> {
-    let mut by_uid: BTreeMap<String, (String, String)> = BTreeMap::new();
-    for h in ctx.port.holders() {
-        if !h.pod.uid.is_empty() {
-            by_uid.insert(
-                h.pod.uid.clone(),
-                (h.pod.namespace.clone(), h.pod.name.clone()),
-            );
-        }
-    }
+    let by_uid = holder_names(&ctx.port);
     let mut failed = false;
     for (uid, (ns, name)) in by_uid {
         if ctx

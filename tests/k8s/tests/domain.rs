@@ -296,6 +296,13 @@ fn condition(d: &Value, kind: &str) -> Option<(String, String)> {
         })
 }
 
+/// Sets the Domain `name`'s spec nets (a merge patch, as `kubectl patch --type merge` sends).
+async fn patch_nets(doms: &Api<kube::api::DynamicObject>, name: &str, nets: &[(&str, &str)]) {
+    doms.patch(name, &PatchParams::default(), &Patch::Merge(set_nets(nets)))
+        .await
+        .unwrap();
+}
+
 fn set_nets(nets: &[(&str, &str)]) -> Value {
     json!({"spec": {"nets": nets.iter().map(|(n, w)| json!({"name": n, "network": w})).collect::<Vec<_>>()}})
 }
@@ -497,13 +504,7 @@ async fn domains_follow_vm_pods_on_a_real_node() {
         "finalizer: {d}"
     );
     // net1 at once: QEMU may not listen yet; the hot-plug is owed and done when it does.
-    doms.patch(
-        "vm-a",
-        &PatchParams::default(),
-        &Patch::Merge(set_nets(&[("net1", "vmnet")])),
-    )
-    .await
-    .unwrap();
+    patch_nets(&doms, "vm-a", &[("net1", "vmnet")]).await;
     let (pci1, _) = wait_for("net1 attached", BOOT, || async {
         let d = doms_json("vm-a").await.ok_or("no Domain")?;
         match (hostdev_phase(&d, "net1").as_deref(), net_pci(&d, "net1")) {
@@ -538,13 +539,7 @@ async fn domains_follow_vm_pods_on_a_real_node() {
 
     // net2 on the running VM: spec edit → status attached.
     let t_edit = Instant::now();
-    doms.patch(
-        "vm-a",
-        &PatchParams::default(),
-        &Patch::Merge(set_nets(&[("net1", "vmnet"), ("net2", "vmnet")])),
-    )
-    .await
-    .unwrap();
+    patch_nets(&doms, "vm-a", &[("net1", "vmnet"), ("net2", "vmnet")]).await;
     let (pci2, took) = wait_for("net2 attached", Duration::from_secs(60), || async {
         let d = doms_json("vm-a").await.ok_or("no Domain")?;
         match (hostdev_phase(&d, "net2").as_deref(), net_pci(&d, "net2")) {
@@ -624,13 +619,7 @@ async fn domains_follow_vm_pods_on_a_real_node() {
     );
 
     // Remove net2: the guest acknowledges, the VF is Free, net1 stays.
-    doms.patch(
-        "vm-a",
-        &PatchParams::default(),
-        &Patch::Merge(set_nets(&[("net1", "vmnet")])),
-    )
-    .await
-    .unwrap();
+    patch_nets(&doms, "vm-a", &[("net1", "vmnet")]).await;
     let (_, took) = wait_for(
         "net2 detached and Free",
         Duration::from_secs(90),
@@ -707,13 +696,7 @@ async fn domains_follow_vm_pods_on_a_real_node() {
     })
     .await
     .unwrap();
-    doms.patch(
-        "vm-b",
-        &PatchParams::default(),
-        &Patch::Merge(set_nets(&[("net1", "vmnet")])),
-    )
-    .await
-    .unwrap();
+    patch_nets(&doms, "vm-b", &[("net1", "vmnet")]).await;
     wait_for("vm-b net1 attached", BOOT, || async {
         let d = doms_json("vm-b").await.ok_or("no Domain")?;
         (hostdev_phase(&d, "net1").as_deref() == Some("attached"))
