@@ -262,7 +262,9 @@ pub async fn run<P: NodePort>(
             () = tokio::time::sleep_until(wake) => {},
         }
         if pods_synced && doms_synced && !*synced.borrow() {
-            let _ = synced.send(true);
+            // send_replace: the value is set even when nobody holds a receiver (else this
+            // branch, and its log line, would run on every turn of the loop).
+            synced.send_replace(true);
             info!("Domain controller synced");
         }
     }
