@@ -613,6 +613,17 @@ async fn domains_follow_vm_pods_on_a_real_node() {
         .filter(|(_, v)| *v > 0)
         .collect();
     println!("FIGURE domain.requests_at_rest_per_minute {delta:?} (one VM, 2 VFs)");
+    let synced_lines = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("Domain controller synced"))
+        .count();
+    assert_eq!(
+        synced_lines,
+        1,
+        "the controller says it synced once:\n{}",
+        node.tail()
+    );
     assert!(
         delta.iter().all(|(verb, _)| verb.as_str() == "watch"),
         "at rest the controller must send nothing beyond its watches: {delta:?}"
