@@ -103,6 +103,8 @@ impl NodePort for AgentPort {
             rx.changed().await.ok()?;
             Some(((), rx))
         })
+        // Fused: the loop may poll it again after the journal closed.
+        .fuse()
         .boxed()
     }
 }
