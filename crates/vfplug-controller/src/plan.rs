@@ -41,7 +41,8 @@ pub struct PodFacts {
     pub uid: String,
     /// The `vfplug.io/qmp-socket` annotation.
     pub qmp_socket: Option<String>,
-    /// Phase Succeeded or Failed: its containers are done, its QEMU too.
+    /// Being deleted, or phase Succeeded or Failed: its QEMU is stopping or stopped; nothing is
+    /// attached to it any more, and what it holds is released.
     pub finished: bool,
 }
 

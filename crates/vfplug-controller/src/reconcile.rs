@@ -98,11 +98,14 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .annotations()
             .get(vfplug_agent::QMP_SOCKET_ANNOTATION)
             .cloned(),
-        finished: pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|p| p == "Succeeded" || p == "Failed"),
+        // Being deleted counts as done: its spec nets must not be attached again while its
+        // QEMU is stopped (the demo saw a dying VM's net re-attached as an owed hot-plug).
+        finished: pod.metadata.deletion_timestamp.is_some()
+            || pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|p| p == "Succeeded" || p == "Failed"),
     }
 }
 
@@ -315,7 +318,7 @@ impl<P: NodePort> Ctx<P> {
         for h in mine {
             match self.port.release(&h.container_id, &h.ifname).await {
                 Ok(r) if r.released => {
-                    info!(pod_uid = uid, ifname = %h.ifname, pci = ?r.pci, "VF of a gone pod released");
+                    info!(pod_uid = uid, ifname = %h.ifname, pci = %r.pci.map(|p| p.to_string()).unwrap_or_default(), "VF of a gone pod released");
                     if let Some(d) = dom {
                         self.publish(
                             d,
@@ -410,7 +413,7 @@ impl<P: NodePort> Ctx<P> {
         };
         match self.port.release(&domain_container_id(uid), ifname).await {
             Ok(r) if r.released => {
-                info!(ifname, pci = ?r.pci, "net detached and released");
+                info!(ifname, pci = %r.pci.map(|p| p.to_string()).unwrap_or_default(), "net detached and released");
                 None
             }
             Ok(r) if r.quarantined => {
@@ -505,6 +508,32 @@ impl<P: NodePort> Ctx<P> {
             if let Err(e) = recorder.publish(&ev, &reference).await {
                 warn!(reason = n.reason, error = %e, "could not record an Event");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("pod")
+    }
+
+    #[test]
+    fn a_pod_being_deleted_or_done_gets_nothing_attached() {
+        let running =
+            json!({"metadata": {"name": "vm", "uid": "u"}, "status": {"phase": "Running"}});
+        assert!(!pod_facts(&pod(running.clone())).finished);
+        let mut deleting = running;
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-12-03T20:00:00Z");
+        assert!(
+            pod_facts(&pod(deleting)).finished,
+            "still Running, but being deleted"
+        );
+        for phase in ["Succeeded", "Failed"] {
+            let p = pod(json!({"metadata": {"name": "vm"}, "status": {"phase": phase}}));
+            assert!(pod_facts(&p).finished, "{phase}");
         }
     }
 }
