@@ -14,31 +14,47 @@
 #     plugin (ADD by pool, the VM's QMP socket in a pod volume), shows it in the VM and in its
 #     List, then unplugs it with the guest's acknowledgement (DEL) and shows the VF Free again.
 #     Each line carries its time since L1 started; slow boots print progress every 10 s.
-# Run as root on a fresh Debian bookworm machine.
+# Run as root on a fresh Debian bookworm machine. DEMO_PARTS=2,3 runs only those parts (default
+# all); the build and the setup are done for the parts selected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-if [ "$(id -u)" = 0 ]; then
+DEMO_PARTS="${DEMO_PARTS:-1,2,3,4}"
+selected() { case ",$DEMO_PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+part() { # N TITLE: prints the part's title, or that it is not selected (and returns 1)
+    if selected "$1"; then echo "== part $1: $2"; else echo "== part $1: not selected (DEMO_PARTS=$DEMO_PARTS)"; return 1; fi
+}
+BIN="${CARGO_TARGET_DIR:-target}/debug"
+if [ "$(id -u)" = 0 ] && selected 2; then
     echo "== setup: Debian packages (iproute2, CNI plugins for host-local IPAM)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends iproute2 containernetworking-plugins >/dev/null
 fi
 echo "== build"
-cargo build --bin vfplugd --example demo --example cni_demo -p vfplugd
-cargo build --bin vfplug -p vfplug-cni
-echo "== part 1: device plugin on a simulated node"
-target/debug/examples/demo target/debug/vfplugd "$@"
-echo "== part 2: the vfplug CNI plugin into real network namespaces"
-target/debug/examples/cni_demo target/debug/vfplugd target/debug/vfplug
-echo "== part 3: real QEMU hotplug through vfplug-qmp (VM lab, qemu tier)"
-bash tests/vmlab/setup.sh
-VMLAB_TIER=qemu VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture --test-threads 1
-echo "== part 4: a VM pod: vfplugd hot-plugs a real VF into a running nested VM through the CNI plugin"
-echo "   L1 = a VM with an emulated SR-IOV NIC (igb) and VT-d; L2 = a Linux VM inside it (the VM pod)."
-echo "   Both run under TCG (no KVM), so L2 boots in minutes; [time] = seconds since L1 started."
-# vfplugd's own log (copied from L1 after the run) and the figures' table are left out here;
-# `make vm-test TIER=sriov-full` shows everything.
-VMLAB_TIER=sriov-full VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture \
-    --test-threads 1 -E 'test(vm_pod_unplug_acknowledged_by_l2_linux)' 2>&1 |
-    grep --line-buffered -v -e 'LOG vfplugd: ' -e '^VMLAB FIGURE ' -e '^|'
+cargo build --bin vfplugd --bin vfplugctl -p vfplugd
+if selected 1 || selected 2; then
+    cargo build --example demo --example cni_demo -p vfplugd
+    cargo build --bin vfplug -p vfplug-cni
+fi
+if part 1 "device plugin on a simulated node"; then
+    "$BIN/examples/demo" "$BIN/vfplugd" "$@"
+fi
+if part 2 "the vfplug CNI plugin into real network namespaces"; then
+    "$BIN/examples/cni_demo" "$BIN/vfplugd" "$BIN/vfplug"
+fi
+if selected 3 || selected 4; then
+    bash tests/vmlab/setup.sh
+fi
+if part 3 "real QEMU hotplug through vfplug-qmp (VM lab, qemu tier)"; then
+    VMLAB_TIER=qemu VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture --test-threads 1
+fi
+if part 4 "a VM pod: vfplugd hot-plugs a real VF into a running nested VM through the CNI plugin"; then
+    echo "   L1 = a VM with an emulated SR-IOV NIC (igb) and VT-d; L2 = a Linux VM inside it (the VM pod)."
+    echo "   Both run under TCG (no KVM), so L2 boots in minutes; [time] = seconds since L1 started."
+    # vfplugd's own log (copied from L1 after the run) and the figures' table are left out here;
+    # `make vm-test TIER=sriov-full` shows everything.
+    VMLAB_TIER=sriov-full VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture \
+        --test-threads 1 -E 'test(vm_pod_unplug_acknowledged_by_l2_linux)' 2>&1 |
+        grep --line-buffered -v -e 'LOG vfplugd: ' -e '^VMLAB FIGURE ' -e '^|'
+fi
