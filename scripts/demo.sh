@@ -14,31 +14,61 @@
 #     plugin (ADD by pool, the VM's QMP socket in a pod volume), shows it in the VM and in its
 #     List, then unplugs it with the guest's acknowledgement (DEL) and shows the VF Free again.
 #     Each line carries its time since L1 started; slow boots print progress every 10 s.
-# Run as root on a fresh Debian bookworm machine.
+#  5. The Domain on a real node (scripts/demo-domain.sh): a one-node Kubernetes 1.20 cluster
+#     (tests/k8s; its build takes ~15 min once per machine), the real vfplugd with the Domain
+#     controller, a VM pod running QEMU; `kubectl get domains`, a net added and removed with
+#     `kubectl patch`, status and Events, the guest seeing the device, the pod deleted, the VF
+#     Free and the Domain gone. Skipped loudly without root or a cluster.
+# Run as root on a fresh Debian bookworm machine. DEMO_PARTS=3,5 runs only those parts (default
+# all); the build and the setup are done for the parts selected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-if [ "$(id -u)" = 0 ]; then
+DEMO_PARTS="${DEMO_PARTS:-1,2,3,4,5}"
+selected() { case ",$DEMO_PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+part() { # N TITLE: prints the part's title, or that it is not selected (and returns 1)
+    if selected "$1"; then echo "== part $1: $2"; else echo "== part $1: not selected (DEMO_PARTS=$DEMO_PARTS)"; return 1; fi
+}
+BIN="${CARGO_TARGET_DIR:-target}/debug"
+if [ "$(id -u)" = 0 ] && selected 2; then
     echo "== setup: Debian packages (iproute2, CNI plugins for host-local IPAM)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends iproute2 containernetworking-plugins >/dev/null
 fi
 echo "== build"
-cargo build --bin vfplugd --example demo --example cni_demo -p vfplugd
-cargo build --bin vfplug -p vfplug-cni
-echo "== part 1: device plugin on a simulated node"
-target/debug/examples/demo target/debug/vfplugd "$@"
-echo "== part 2: the vfplug CNI plugin into real network namespaces"
-target/debug/examples/cni_demo target/debug/vfplugd target/debug/vfplug
-echo "== part 3: real QEMU hotplug through vfplug-qmp (VM lab, qemu tier)"
-bash tests/vmlab/setup.sh
-VMLAB_TIER=qemu VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture --test-threads 1
-echo "== part 4: a VM pod: vfplugd hot-plugs a real VF into a running nested VM through the CNI plugin"
-echo "   L1 = a VM with an emulated SR-IOV NIC (igb) and VT-d; L2 = a Linux VM inside it (the VM pod)."
-echo "   Both run under TCG (no KVM), so L2 boots in minutes; [time] = seconds since L1 started."
-# vfplugd's own log (copied from L1 after the run) and the figures' table are left out here;
-# `make vm-test TIER=sriov-full` shows everything.
-VMLAB_TIER=sriov-full VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture \
-    --test-threads 1 -E 'test(vm_pod_unplug_acknowledged_by_l2_linux)' 2>&1 |
-    grep --line-buffered -v -e 'LOG vfplugd: ' -e '^VMLAB FIGURE ' -e '^|'
+cargo build --bin vfplugd --bin vfplugctl -p vfplugd
+if selected 1 || selected 2; then
+    cargo build --example demo --example cni_demo -p vfplugd
+    cargo build --bin vfplug -p vfplug-cni
+fi
+if selected 5; then
+    cargo build -p vfplug-host --example vfio_node
+    cargo build -p vfplug-vmlab --bin vmlab-vm-pod
+fi
+if part 1 "device plugin on a simulated node"; then
+    "$BIN/examples/demo" "$BIN/vfplugd" "$@"
+fi
+if part 2 "the vfplug CNI plugin into real network namespaces"; then
+    "$BIN/examples/cni_demo" "$BIN/vfplugd" "$BIN/vfplug"
+fi
+if selected 3 || selected 4 || selected 5; then
+    bash tests/vmlab/setup.sh
+fi
+if part 3 "real QEMU hotplug through vfplug-qmp (VM lab, qemu tier)"; then
+    VMLAB_TIER=qemu VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture --test-threads 1
+fi
+if part 4 "a VM pod: vfplugd hot-plugs a real VF into a running nested VM through the CNI plugin"; then
+    echo "   L1 = a VM with an emulated SR-IOV NIC (igb) and VT-d; L2 = a Linux VM inside it (the VM pod)."
+    echo "   Both run under TCG (no KVM), so L2 boots in minutes; [time] = seconds since L1 started."
+    # vfplugd's own log (copied from L1 after the run) and the figures' table are left out here;
+    # `make vm-test TIER=sriov-full` shows everything.
+    VMLAB_TIER=sriov-full VMLAB_REQUIRE=1 cargo nextest run -p vfplug-vmlab --no-capture \
+        --test-threads 1 -E 'test(vm_pod_unplug_acknowledged_by_l2_linux)' 2>&1 |
+        grep --line-buffered -v -e 'LOG vfplugd: ' -e '^VMLAB FIGURE ' -e '^|'
+fi
+if part 5 "the Domain on a real node: kubectl, the Domain controller, a VM pod running QEMU"; then
+    echo "   A one-node Kubernetes 1.20 cluster on this machine (tests/k8s), the real vfplugd with its"
+    echo "   Domain controller, a VM pod whose QEMU boots Linux under TCG; [time] = seconds since part 5 began."
+    DEMO_BIN_DIR="$BIN" bash scripts/demo-domain.sh
+fi

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vfplug_agent::wal::Wal;
-use vfplug_agent::{Agent, AgentOptions};
+use vfplug_agent::{Agent, AgentOptions, PodEntry, PodIndex};
 use vfplug_api::v1;
 use vfplug_api::v1::node_client::NodeClient;
 use vfplug_core::ledger::{Ledger, Owner, Record, Step};
@@ -1285,6 +1285,19 @@ async fn vm_node(
     Arc<vfplug_host::vmpod::FakeMemlock>,
     std::path::PathBuf,
 ) {
+    vm_node_with_index(uid, None).await
+}
+
+/// As [`vm_node`], with the Domain controller's pod watch `index` handed to the agent
+/// (`AgentOptions::pod_index`; `None`: the controller is off).
+async fn vm_node_with_index(
+    uid: &str,
+    index: Option<Arc<PodIndex>>,
+) -> (
+    Node,
+    Arc<vfplug_host::vmpod::FakeMemlock>,
+    std::path::PathBuf,
+) {
     use vfplug_host::vmpod::{FakeMemlock, MemlockLimit};
     let me = std::process::id();
     let memlock = Arc::new(FakeMemlock::new([(me, MemlockLimit::both(64 << 20))]));
@@ -1292,6 +1305,7 @@ async fn vm_node(
     let n = Node::start_with(DriverProfile::default(), move |o| {
         o.memlock = Some(ml.clone());
         o.qmp_trusted_uids.insert(rustix_euid());
+        o.pod_index = index.clone();
     })
     .await;
     let qmp_dir = n
@@ -1759,4 +1773,217 @@ async fn a_vm_pods_records_follow_its_vf_over_the_node_api() {
     wait_metric(&n, "vfplug_vms 0").await;
     wait_metric(&n, r#"vfplug_vm_devices{phase="unplug-pending"} 0"#).await;
     drop(server);
+}
+
+// ---- the QMP socket from the pod watch (docs/domain.md, "VM pods") ------------------------------
+
+/// What the controller's pod watch would put in the index for pod `ns/<name>`.
+fn pod_entry(name: &str, qmp_socket: Option<&str>) -> PodEntry {
+    PodEntry {
+        namespace: "ns".into(),
+        name: name.into(),
+        qmp_socket: qmp_socket.map(str::to_owned),
+    }
+}
+
+/// A VM pod's vfio ADD as the CNI plugin sends it when the network config names no `qmpSocket`
+/// (the pod's namespace and name from CNI_ARGS).
+fn add_without_qmp(n: &Node, pod: &str, uid: &str, vf: &str) -> v1::AddRequest {
+    let mut req = vm_req(n, pod, uid, vf);
+    req.qmp_socket.clear();
+    let a = req.attachment.as_mut().unwrap();
+    a.pod_namespace = "ns".into();
+    a.pod_name = pod.into();
+    req
+}
+
+/// The VM records vfplugd holds for pod `uid` (`VmRecords` filtered by UID).
+async fn vm_records_of(n: &Node, uid: &str) -> Vec<v1::VmRecord> {
+    n.client
+        .clone()
+        .vm_records(v1::VmRecordsRequest {
+            pod_uid: uid.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+}
+
+/// With the controller on, a pod the watch shows with `vfplug.io/qmp-socket` is a VM pod even
+/// though its network config names no `qmpSocket`: QEMU is not up yet, so the ADD answers with
+/// the hot-plug owed and the VM records show the pod; once QEMU binds the socket the annotation
+/// names (not any other path), the VF is hot-plugged, and DEL unplugs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_annotation_makes_an_add_without_qmp_socket_a_vm_attachment() {
+    let uid = "vm-an-uid";
+    let index = Arc::new(PodIndex::default());
+    index.upsert(uid, pod_entry("vm-an", Some("qmp/qmp.sock")));
+    index.set_synced();
+    let (mut n, memlock, qmp_dir) = vm_node_with_index(uid, Some(index)).await;
+    let vf = n.vfs[4].clone();
+
+    let r = n.add(add_without_qmp(&n, "vm-an", uid, &vf)).await.unwrap();
+    assert!(
+        r.attach_pending && !r.existing,
+        "the hot-plug is owed: {r:?}"
+    );
+    assert_eq!(
+        (r.pci_address.as_str(), r.mode.as_str()),
+        (vf.as_str(), "vfio")
+    );
+    assert_eq!(n.state_of(&vf).await.state, "configured");
+    let vms = vm_records_of(&n, uid).await;
+    assert_eq!(vms.len(), 1, "a VM attachment: {vms:?}");
+    let vm = &vms[0];
+    assert_eq!(
+        (vm.pod_namespace.as_str(), vm.pod_name.as_str()),
+        ("ns", "vm-an")
+    );
+    assert!(
+        vm.qmp_socket
+            .ends_with("/vm-an-uid/volumes/kubernetes.io~empty-dir/qmp/qmp.sock"),
+        "the annotation's socket, in the pod's volume: {vm:?}"
+    );
+    assert_eq!(vm.hostdevs.len(), 1, "{vm:?}");
+    assert_eq!(vm.hostdevs[0].phase(), v1::VmPhase::Pending);
+    assert!(memlock.calls().is_empty(), "no QEMU yet");
+
+    // QEMU binds the annotation's socket: the owed hot-plug is done there.
+    let server = vm_script(&vf).listen(&qmp_dir.join("qmp.sock")).unwrap();
+    wait_state(&mut n, &vf, "attached").await;
+    assert_eq!(memlock.calls(), vec![(std::process::id(), 2 << 30)]);
+    let d = vm_del(&mut n, "sb-vm-an", uid).await;
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.state_of(&vf).await.state, "free");
+    assert!(vm_records_of(&n, uid).await.is_empty());
+    drop(server);
+}
+
+/// With the controller on, a pod the watch shows without the annotation is a container pod:
+/// the same ADD is a plain attachment, answered at once, with no VM record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_without_the_annotation_gets_a_plain_attachment() {
+    let uid = "ct-an-uid";
+    let index = Arc::new(PodIndex::default());
+    index.upsert(uid, pod_entry("ct-an", None));
+    index.set_synced();
+    let (mut n, memlock, _qmp_dir) = vm_node_with_index(uid, Some(index)).await;
+    let vf = n.vfs[4].clone();
+
+    let t = std::time::Instant::now();
+    let r = n.add(add_without_qmp(&n, "ct-an", uid, &vf)).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the index knew the pod: no wait ({:?})",
+        t.elapsed()
+    );
+    assert!(!r.attach_pending && !r.existing, "{r:?}");
+    assert_eq!(
+        (r.pci_address.as_str(), r.mode.as_str()),
+        (vf.as_str(), "vfio")
+    );
+    assert_eq!(n.state_of(&vf).await.state, "configured");
+    assert!(
+        vm_records_of(&n, uid).await.is_empty(),
+        "not a VM attachment"
+    );
+    assert!(memlock.calls().is_empty());
+    let d = vm_del(&mut n, "sb-ct-an", uid).await;
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.state_of(&vf).await.state, "free");
+}
+
+/// With the controller on, an ADD for a pod the watch never shows cannot know whether the pod
+/// is a VM pod: after the bounded wait (3 s) it fails with CNI code 11 (try again) and holds
+/// nothing. A pod that shows up during the wait is answered as the index then says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_for_a_pod_the_watch_has_not_shown_waits_then_asks_again() {
+    let uid = "vm-un-uid";
+    let index = Arc::new(PodIndex::default());
+    // The watch knows another pod of the node, not this one.
+    index.upsert("someone-else", pod_entry("other", Some("qmp/qmp.sock")));
+    index.set_synced();
+    let (mut n, memlock, _qmp_dir) = vm_node_with_index(uid, Some(index.clone())).await;
+    let vf = n.vfs[4].clone();
+
+    let t = std::time::Instant::now();
+    let (code, msg) = n
+        .add(add_without_qmp(&n, "vm-un", uid, &vf))
+        .await
+        .unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(code, 11, "{msg}");
+    assert!(msg.contains("pod watch") && msg.contains(uid), "{msg}");
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(8),
+        "the bounded wait is ~3 s: {waited:?}"
+    );
+    let list = n
+        .client
+        .list(v1::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let held: Vec<_> = list
+        .vfs
+        .iter()
+        .filter(|v| v.state != "free")
+        .map(|v| (&v.pci_address, &v.state))
+        .collect();
+    assert!(held.is_empty(), "nothing held: {held:?}");
+    assert!(vm_records_of(&n, uid).await.is_empty());
+    assert!(memlock.calls().is_empty());
+
+    // The runtime tries again; this time the watch shows the pod (a VM pod) half a second in.
+    let req = add_without_qmp(&n, "vm-un", uid, &vf);
+    let mut c = n.client.clone();
+    let t = std::time::Instant::now();
+    let adding = tokio::spawn(async move { c.add(req).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!adding.is_finished(), "the ADD waits for the watch");
+    index.upsert(uid, pod_entry("vm-un", Some("qmp/qmp.sock")));
+    let r = adding.await.unwrap().unwrap().into_inner();
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "answered when the watch showed the pod, not at the deadline: {:?}",
+        t.elapsed()
+    );
+    assert!(r.attach_pending, "{r:?}");
+    assert_eq!(vm_records_of(&n, uid).await.len(), 1);
+    let d = vm_del(&mut n, "sb-vm-un", uid).await;
+    assert!(d.released, "{d:?}");
+    assert_eq!(n.state_of(&vf).await.state, "free");
+}
+
+/// With the controller off (no index), nothing changes: the network config alone decides. An
+/// ADD naming no `qmpSocket` is a plain attachment at once, without waiting for any watch; one
+/// naming it is a VM attachment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_controller_the_network_config_alone_decides() {
+    let uid = "vm-off-uid";
+    let (mut n, _memlock, _qmp_dir) = vm_node_with_index(uid, None).await;
+    let vf = n.vfs[4].clone();
+
+    let t = std::time::Instant::now();
+    let r = n
+        .add(add_without_qmp(&n, "vm-off", uid, &vf))
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "no watch to wait for: {:?}",
+        t.elapsed()
+    );
+    assert!(!r.attach_pending, "{r:?}");
+    assert!(vm_records_of(&n, uid).await.is_empty());
+    assert!(vm_del(&mut n, "sb-vm-off", uid).await.released);
+    assert_eq!(n.state_of(&vf).await.state, "free");
+
+    let r = n.add(vm_req(&n, "vm-off", uid, &vf)).await.unwrap();
+    assert!(r.attach_pending, "the config's qmpSocket: {r:?}");
+    assert_eq!(vm_records_of(&n, uid).await.len(), 1);
+    assert!(vm_del(&mut n, "sb-vm-off", uid).await.released);
+    assert_eq!(n.state_of(&vf).await.state, "free");
 }
