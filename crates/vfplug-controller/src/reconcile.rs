@@ -307,7 +307,7 @@ impl<P: NodePort> Ctx<P> {
     }
 
     /// Releases every attachment of the pod `uid`; returns how many are left.
-    async fn release_pod(&self, uid: &str, dom: Option<&Domain>) -> usize {
+    pub(crate) async fn release_pod(&self, uid: &str, dom: Option<&Domain>) -> usize {
         let mine: Vec<_> = self
             .port
             .holders()

@@ -364,11 +364,10 @@ async fn sweep<P: NodePort>(ctx: &Ctx<P>, pods: &Api<Pod>) -> Result<(), ()> {
         };
         if gone {
             info!(pod = %format!("{ns}/{name}"), pod_uid = %uid, "pod is gone but holds VFs: releasing them");
-            for h in ctx.port.holders().into_iter().filter(|h| h.pod.uid == uid) {
-                if let Err(e) = ctx.port.release(&h.container_id, &h.ifname).await {
-                    warn!(pod_uid = %uid, ifname = %h.ifname, error = %e, "release failed; the next sweep retries");
-                    failed = true;
-                }
+            // The same release as a Domain's gone pod gets; what is left (a failure, an unplug
+            // still pending) brings the sweep back.
+            if ctx.release_pod(&uid, None).await > 0 {
+                failed = true;
             }
         }
     }
