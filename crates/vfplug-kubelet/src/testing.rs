@@ -603,14 +603,21 @@ async fn watch_registry(
                 if let Some(ino) = uds::socket_id(&path)
                     && seen.get(&path) != Some(&ino)
                 {
-                    seen.insert(path.clone(), ino);
-                    found.push(path);
+                    found.push((path, ino));
                 }
             }
         }
-        for path in found {
-            if let Err(e) = register_via_registry(&shared, &path, &generation).await {
-                tracing::debug!(path = %path.display(), error = %e, "fake plugin watcher: registration failed");
+        // A socket is marked seen only once it registered: the real kubelet's plugin manager
+        // keeps a socket in its desired state and its reconciler tries again each loop until
+        // registration succeeds, so a failed dial is not the end of it there either.
+        for (path, ino) in found {
+            match register_via_registry(&shared, &path, &generation).await {
+                Ok(()) => {
+                    seen.insert(path, ino);
+                }
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "fake plugin watcher: registration failed; trying again");
+                }
             }
         }
         tokio::select! {

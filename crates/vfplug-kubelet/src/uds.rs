@@ -70,9 +70,39 @@ pub fn bind_fresh(path: &Path) -> Result<(UnixListener, SocketId), UdsError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(bind_err)?;
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    let listener = bind_then_rename(path).map_err(bind_err)?;
     let id = SocketId::of(&std::fs::symlink_metadata(path).map_err(bind_err)?);
     Ok((listener, id))
+}
+
+/// Binds at a hidden sibling (`.NAME`) and renames it into place, so that `path` appears only
+/// once the socket listens. `bind(2)` creates the file before `listen(2)` runs; a watcher that
+/// dials in between (the kubelet's plugin watcher polls `plugins_registry/` and dials whatever
+/// appears) gets `ECONNREFUSED`. Hidden names are skipped by that watcher, and a rename within
+/// one directory is atomic. A path too long for its hidden sibling is bound directly.
+fn bind_then_rename(path: &Path) -> io::Result<UnixListener> {
+    let Some(name) = path.file_name() else {
+        return UnixListener::bind(path);
+    };
+    let mut hidden_name = std::ffi::OsString::from(".");
+    hidden_name.push(name);
+    let hidden = path.with_file_name(hidden_name);
+    // A crash between bind and rename leaves the hidden socket behind; it is ours to remove.
+    match std::fs::symlink_metadata(&hidden) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(&hidden)?,
+        Ok(_) => return UnixListener::bind(path),
+        Err(_) => {}
+    }
+    let listener = match UnixListener::bind(&hidden) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => return UnixListener::bind(path),
+        Err(e) => return Err(e),
+    };
+    if let Err(e) = std::fs::rename(&hidden, path) {
+        let _ = std::fs::remove_file(&hidden);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 /// The identity of the socket file at `path`, or `None` if there is none (or it is not a socket).
@@ -106,4 +136,78 @@ pub async fn connect(path: &Path) -> Result<Channel, UdsError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watcher that dials each socket the moment its path appears (as the kubelet's plugin
+    /// watcher does) must never be refused: the path shows up only once the socket listens.
+    #[test]
+    fn a_socket_path_appears_only_once_it_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        const N: usize = 1000;
+        let base = dir.path().to_path_buf();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let watcher = std::thread::spawn(move || {
+            for i in 0..N {
+                let p = base.join(format!("s{i}.sock"));
+                while std::fs::symlink_metadata(&p).is_err() {
+                    std::hint::spin_loop();
+                }
+                let r = std::os::unix::net::UnixStream::connect(&p)
+                    .map(drop)
+                    .map_err(|e| format!("{}: {e}", p.display()));
+                done_tx.send(r).unwrap();
+            }
+        });
+        let mut refused = Vec::new();
+        for i in 0..N {
+            let p = dir.path().join(format!("s{i}.sock"));
+            let (listener, _) = bind_fresh(&p).unwrap();
+            if let Err(e) = done_rx.recv().unwrap() {
+                refused.push(e);
+            }
+            drop(listener);
+        }
+        watcher.join().unwrap();
+        assert!(refused.is_empty(), "dials refused: {refused:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "hidden sockets left behind: {left:?}");
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_and_other_files_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let p = dir.path().join("a.sock");
+        // A stale socket at the path and a stale hidden sibling (a crash between bind and
+        // rename) are both replaced.
+        drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
+        drop(std::os::unix::net::UnixListener::bind(dir.path().join(".a.sock")).unwrap());
+        let (_l, id) = bind_fresh(&p).unwrap();
+        assert_eq!(socket_id(&p), Some(id));
+        assert!(!dir.path().join(".a.sock").exists());
+        std::os::unix::net::UnixStream::connect(&p).expect("listening");
+
+        let f = dir.path().join("plain");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(matches!(bind_fresh(&f), Err(UdsError::NotASocket(_))));
+        assert_eq!(std::fs::read(&f).unwrap(), b"x");
+    }
 }
