@@ -21,6 +21,7 @@ pub mod config;
 pub mod devinfo;
 pub mod env;
 pub mod error;
+pub mod install;
 pub mod invocation;
 pub mod ipam;
 pub mod mapping;

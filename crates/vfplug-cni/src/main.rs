@@ -12,6 +12,12 @@ use vfplug_cni::config::{LogLevel, MAX_CONFIG_BYTES, NetConf};
 use vfplug_cni::{CniError, Command, ErrorResult, Invocation, invocation, run};
 
 fn main() -> ExitCode {
+    // `vfplug install DIR` (the Helm chart's init container); never when a runtime calls it.
+    if std::env::var_os(vfplug_cni::env::COMMAND).is_none()
+        && std::env::args_os().nth(1).is_some_and(|a| a == "install")
+    {
+        return install();
+    }
     let vars = match cni_vars() {
         Ok(v) => v,
         Err(e) => return fail(&e, &[]),
@@ -121,6 +127,31 @@ fn print(json: &str) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vfplug: cannot write the result to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vfplug install DIR`: copies this binary to `DIR/vfplug`.
+fn install() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().skip(2).collect();
+    let [dir] = args.as_slice() else {
+        eprintln!("usage: vfplug install DIR   (copies this CNI plugin to DIR/vfplug)");
+        return ExitCode::from(2);
+    };
+    let done = std::env::current_exe()
+        .context("cannot find this binary")
+        .and_then(|exe| {
+            vfplug_cni::install::install(&exe, dir.as_ref(), vfplug_cni::install::PLUGIN_NAME)
+                .map_err(anyhow::Error::from)
+        });
+    match done {
+        Ok(path) => {
+            eprintln!("vfplug: installed {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vfplug: install failed: {e:#}");
             ExitCode::FAILURE
         }
     }

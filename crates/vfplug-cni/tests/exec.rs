@@ -1181,3 +1181,50 @@ fn real_host_local_with_0_3_1_and_0_2_0_configs() {
         assert!(!lease.exists(), "{v}: DEL must release the address");
     }
 }
+
+/// `vfplug install DIR` (the Helm chart's init container) copies the binary itself; with a
+/// `CNI_COMMAND` in the environment the same arguments are a CNI call, never an install.
+#[test]
+fn install_copies_the_binary_and_only_outside_a_cni_call() {
+    let d = tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_vfplug");
+    let out = std::process::Command::new(bin)
+        .arg("install")
+        .arg(d.path())
+        .env_remove("CNI_COMMAND")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "stdout stays protocol-only");
+    let installed = d.path().join("vfplug");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(bin).unwrap()
+    );
+
+    let missing = d.path().join("missing");
+    let out = std::process::Command::new(bin)
+        .arg("install")
+        .arg(&missing)
+        .env_remove("CNI_COMMAND")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing is not a directory"), "{err}");
+
+    let other = tempdir().unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("install")
+        .arg(other.path())
+        .env("CNI_COMMAND", "VERSION")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["supportedVersions"].is_array(), "{v}");
+    assert!(
+        !other.path().join("vfplug").exists(),
+        "a CNI call installs nothing"
+    );
+}
