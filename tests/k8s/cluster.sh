@@ -176,21 +176,9 @@ EOF
 }
 
 # --- images --------------------------------------------------------------------------------------
-# docker-archive tarballs (manifest.json + config + one layer), written with tar and sha256sum.
-docker_archive() { # rootfs tag out cmd-json
-    local rootfs="$1" tag="$2" out="$3" cmd="$4" w
-    w="$(mktemp -d "$LAB/images/tmp.XXXXXX")"
-    tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$rootfs" -cf "$w/layer.tar" .
-    local diff; diff="$(sha256sum "$w/layer.tar" | cut -d' ' -f1)"
-    cat >"$w/config.json" <<EOF
-{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":$cmd},"rootfs":{"type":"layers","diff_ids":["sha256:$diff"]}}
-EOF
-    local cfg; cfg="$(sha256sum "$w/config.json" | cut -d' ' -f1)"
-    mv "$w/config.json" "$w/$cfg.json"
-    echo "[{\"Config\":\"$cfg.json\",\"RepoTags\":[\"$tag\"],\"Layers\":[\"layer.tar\"]}]" >"$w/manifest.json"
-    tar --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$w" -cf "$out" manifest.json "$cfg.json" layer.tar
-    rm -rf "$w"
-}
+# docker_archive: scripts/lib/docker-archive.sh (tar and sha256sum; no Docker, no registry).
+# shellcheck source=../../scripts/lib/docker-archive.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/scripts/lib/docker-archive.sh"
 images() {
     local d="$LAB/images"
     mkdir -p "$d"
