@@ -31,7 +31,7 @@ if [ "$(id -u)" = 0 ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends iproute2 cpio bc ca-certificates \
         containernetworking-plugins python3-grpcio python3-grpc-tools golang-go \
-        golang-google-grpc-dev >/dev/null
+        golang-google-grpc-dev python3-venv >/dev/null
 else
     echo "== setup: not root, skipping apt-get (packages assumed present)"
 fi
@@ -41,6 +41,12 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 echo "== setup: VM lab (QEMU 10 from bookworm-backports, cached kernel and busybox)"
 bash tests/vmlab/setup.sh
+echo "== setup: helm and kubernetes-validate for the chart tests (cached in /var/cache/vfplug/tools)"
+if tools="$(bash scripts/get-chart-tools.sh)"; then
+    eval "$tools"
+else
+    echo "== setup: helm or kubernetes-validate NOT installed: the chart tests skip (fail with VFPLUG_REQUIRE=1)" >&2
+fi
 
 # The Kubernetes build starts now (after the other apt-get runs: it uses apt-get too) and
 # overlaps the cargo suites, niced so it slows them less; it is waited for before its tier.
