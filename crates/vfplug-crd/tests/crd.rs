@@ -10,24 +10,30 @@ use vfplug_core::records::{ActualDevice, ActualType};
 use vfplug_core::{HostdevRecord, NetRecord, Phase, PodRef, VmRecords, VmRef};
 use vfplug_crd::{Domain, DomainStatus, crd_yaml, printer_columns};
 
-fn checked_in() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds/domains.vfplug.io.yaml")
+/// Where the CRD is checked in: for `kubectl apply`, and in the Helm chart's `crds/`.
+fn checked_in() -> [PathBuf; 2] {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    [
+        repo.join("deploy/crds/domains.vfplug.io.yaml"),
+        repo.join("deploy/helm/vfplug/crds/domains.vfplug.io.yaml"),
+    ]
 }
 
 #[test]
 fn the_checked_in_crd_is_what_the_types_generate() {
     let generated = crd_yaml().unwrap();
-    let path = checked_in();
-    if std::env::var_os("VFPLUG_BLESS").is_some() {
-        std::fs::write(&path, &generated).unwrap();
+    for path in checked_in() {
+        if std::env::var_os("VFPLUG_BLESS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == generated,
+            "{} differs from the Domain types; regenerate it with \
+             `VFPLUG_BLESS=1 cargo test -p vfplug-crd --test crd` and commit it",
+            path.display()
+        );
     }
-    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        on_disk == generated,
-        "{} differs from the Domain types; regenerate it with \
-         `VFPLUG_BLESS=1 cargo test -p vfplug-crd --test crd` and commit it",
-        path.display()
-    );
 }
 
 #[test]
