@@ -282,6 +282,31 @@ impl Lab {
         tail(&self.dir.join("log").join(format!("{daemon}.log")), lines)
     }
 
+    /// Writes vfplug's image (`scripts/image.sh` over [`workspace_bin_dir`]'s binaries) and
+    /// imports it into the lab's containerd as `tag`. Returns how long that took.
+    pub fn import_vfplug_image(&self, tag: &str) -> Result<Duration, LabError> {
+        let t = Instant::now();
+        let bins = workspace_bin_dir()?;
+        let dir = tempfile::tempdir().map_err(io_err("tempdir"))?;
+        let tar = dir.path().join("vfplug.tar");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut c = Command::new("bash");
+        c.arg(repo.join("scripts/image.sh"))
+            .arg("--bin-dir")
+            .arg(&bins)
+            .args(["--tag", tag])
+            .arg("--out")
+            .arg(&tar);
+        run(c, "scripts/image.sh", None)?;
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(self.env.path("CONTAINERD_SOCKET")?)
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(&tar);
+        run(c, &format!("ctr images import {}", tar.display()), None)?;
+        Ok(t.elapsed())
+    }
+
     /// A fresh namespace `<prefix>-<unique>` whose `default` ServiceAccount exists (pods cannot
     /// be created before the controller-manager made it). Deleted when dropped.
     pub async fn namespace(
@@ -809,16 +834,23 @@ pub struct Vfplugd {
 /// The `vfplugd` binary: `$VFPLUGD_BIN`, or built with cargo into this test binary's target dir
 /// and profile (a no-op when it is fresh). Built once per process.
 pub fn vfplugd_binary() -> Result<PathBuf, LabError> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_vfplugd().map_err(|e| e.to_string()))
+    if let Some(b) = std::env::var_os("VFPLUGD_BIN") {
+        return Ok(b.into());
+    }
+    Ok(workspace_bin_dir()?.join("vfplugd"))
+}
+
+/// The dir holding `vfplugd`, `vfplugctl` and the `vfplug` CNI plugin, built with cargo into
+/// this test binary's target dir and profile (a no-op when they are fresh). Built once per
+/// process.
+pub fn workspace_bin_dir() -> Result<PathBuf, LabError> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| build_binaries().map_err(|e| e.to_string()))
         .clone()
         .map_err(LabError::Setup)
 }
 
-fn build_vfplugd() -> Result<PathBuf, LabError> {
-    if let Some(b) = std::env::var_os("VFPLUGD_BIN") {
-        return Ok(b.into());
-    }
+fn build_binaries() -> Result<PathBuf, LabError> {
     let exe = std::env::current_exe().map_err(io_err("current_exe"))?;
     // <target>/<profile>/deps/<test binary>
     let profile_dir = exe
@@ -831,16 +863,61 @@ fn build_vfplugd() -> Result<PathBuf, LabError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let mut c = Command::new(cargo);
-    c.args(["build", "--quiet", "-p", "vfplugd", "--bin", "vfplugd"])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(target_dir);
+    c.args([
+        "build",
+        "--quiet",
+        "-p",
+        "vfplugd",
+        "-p",
+        "vfplug-cni",
+        "--bins",
+    ])
+    .arg("--manifest-path")
+    .arg(&manifest)
+    .arg("--target-dir")
+    .arg(target_dir);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         c.arg("--release");
     }
-    run(c, "cargo build -p vfplugd", None)?;
-    Ok(profile_dir.join("vfplugd"))
+    run(c, "cargo build -p vfplugd -p vfplug-cni --bins", None)?;
+    Ok(profile_dir.to_path_buf())
+}
+
+/// The fake node of `pools` under `root`: a sysfs tree in `root/sys` (one PF of its own per
+/// pool, netdev `lab<i>p0`, driver `ice`, its VFs `iavf` netdevs) and an empty `root/dev`.
+/// Returns vfplug's YAML pool config for it (netdev mode, selected by the PF's netdev) and the
+/// pools with their PCI addresses.
+pub fn fake_node(root: &Path, pools: &[PoolSpec]) -> Result<(String, Vec<Pool>), LabError> {
+    let mut b = SysfsBuilder::new(&root.join("sys"));
+    let mut cfg = format!("resourcePrefix: {RESOURCE_PREFIX}\npools:\n");
+    let mut out = Vec::new();
+    for (i, p) in pools.iter().enumerate() {
+        let pf = format!("0000:{:02x}:00.0", 0x3b + i);
+        let pf_netdev = format!("lab{i}p0");
+        b.pf(&pf)
+            .driver("ice")
+            .netdev(&pf_netdev)
+            .vfs(p.vfs, |v| {
+                VfSpec::new().driver("iavf").netdev(format!("lab{i}v{v}"))
+            })
+            .build()?;
+        let vfs = (0..p.vfs)
+            .map(|v| b.vf_address(&pf, v).map(|a| a.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        cfg.push_str(&format!(
+            "  - name: {}\n    deviceMode: netdev\n    selectors: {{ pfNames: [{pf_netdev}] }}\n",
+            p.name
+        ));
+        out.push(Pool {
+            name: p.name.clone(),
+            resource: format!("{RESOURCE_PREFIX}/{}", p.name),
+            pf,
+            vfs,
+        });
+    }
+    let dev = root.join("dev");
+    fs::create_dir_all(&dev).map_err(io_err(format!("create {}", dev.display())))?;
+    Ok((cfg, out))
 }
 
 impl Vfplugd {
@@ -850,33 +927,7 @@ impl Vfplugd {
         let bin = vfplugd_binary()?;
         let dir = vfplug_host::fixture::tempdir().map_err(io_err("tempdir"))?;
         let root = dir.path();
-        let mut b = SysfsBuilder::new(&root.join("sys"));
-        let mut cfg = format!("resourcePrefix: {RESOURCE_PREFIX}\npools:\n");
-        let mut pools = Vec::new();
-        for (i, p) in opts.pools.iter().enumerate() {
-            let pf = format!("0000:{:02x}:00.0", 0x3b + i);
-            let pf_netdev = format!("lab{i}p0");
-            b.pf(&pf)
-                .driver("ice")
-                .netdev(&pf_netdev)
-                .vfs(p.vfs, |v| {
-                    VfSpec::new().driver("iavf").netdev(format!("lab{i}v{v}"))
-                })
-                .build()?;
-            let vfs = (0..p.vfs)
-                .map(|v| b.vf_address(&pf, v).map(|a| a.to_string()))
-                .collect::<Result<Vec<_>, _>>()?;
-            cfg.push_str(&format!(
-                "  - name: {}\n    deviceMode: netdev\n    selectors: {{ pfNames: [{pf_netdev}] }}\n",
-                p.name
-            ));
-            pools.push(Pool {
-                name: p.name.clone(),
-                resource: format!("{RESOURCE_PREFIX}/{}", p.name),
-                pf,
-                vfs,
-            });
-        }
+        let (cfg, pools) = fake_node(root, &opts.pools)?;
         let config = root.join("config.yaml");
         fs::write(&config, cfg).map_err(io_err(format!("write {}", config.display())))?;
         let socket = root.join("vfplugd.sock");
