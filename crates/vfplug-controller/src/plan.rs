@@ -10,9 +10,10 @@
 //!   through CNI (Multus) are shown in the status, never detached by the controller; a spec net
 //!   with the name of one is refused.
 //! - A pod that is gone (deleted, or replaced by one of the same name), or that ran to its end,
-//!   has every VF the node holds for it released; the Domain's finalizer goes only once the node
-//!   holds none, and then the Domain is deleted (it is the pod's; without the pod it means
-//!   nothing).
+//!   or a VM pod being deleted, has every VF the node holds for it released; the Domain's
+//!   finalizer goes only once the node holds none, and then the Domain is deleted (it is the
+//!   pod's; without the pod it means nothing). A container pod being deleted keeps its VFs until
+//!   the runtime's CNI DEL ([`PodFacts::done`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -41,9 +42,23 @@ pub struct PodFacts {
     pub uid: String,
     /// The `vfplug.io/qmp-socket` annotation.
     pub qmp_socket: Option<String>,
-    /// Being deleted, or phase Succeeded or Failed: its QEMU is stopping or stopped; nothing is
-    /// attached to it any more, and what it holds is released.
-    pub finished: bool,
+    /// Being deleted (`deletionTimestamp` set): its containers are stopping.
+    pub deleting: bool,
+    /// Phase Succeeded or Failed: its containers have ended.
+    pub ended: bool,
+}
+
+impl PodFacts {
+    /// Whether the pod is done with its VFs, for a VM pod (`vm`) or a container pod. Nothing is
+    /// attached to a done pod any more, and what it holds is released.
+    ///
+    /// A VM pod being deleted is done: its QEMU is stopping, and the guest can still
+    /// acknowledge an unplug while it does. A container pod being deleted is not: its processes
+    /// use their netdevs through the grace period, and the runtime's CNI DEL, when the sandbox
+    /// stops, is what releases them (the gone-pod sweep, should that DEL never come).
+    pub fn done(&self, vm: bool) -> bool {
+        self.ended || (self.deleting && vm)
+    }
 }
 
 /// The Domain, as the Domain watch saw it.
@@ -101,7 +116,7 @@ pub struct Plan {
     pub create_domain: bool,
     /// Put [`FINALIZER`] back on the Domain.
     pub add_finalizer: bool,
-    /// Release every VF the node holds for this (gone or finished) pod UID.
+    /// Release every VF the node holds for this (gone or done) pod UID.
     pub release: Option<String>,
     /// The node holds nothing more for the gone pod: remove the finalizer and delete the Domain.
     pub finish: bool,
@@ -122,7 +137,7 @@ pub fn plan(f: &Facts) -> Plan {
     match (&f.pod, &f.domain) {
         (None, None) => {}
         (Some(pod), None) => {
-            if pod.finished {
+            if pod.done(is_vm_pod(pod)) {
                 if f.live.holds_any() {
                     p.release = Some(pod.uid.clone());
                 }
@@ -134,7 +149,8 @@ pub fn plan(f: &Facts) -> Plan {
             let owner_alive = matches!((pod, &d.pod_uid), (Some(pod), Some(uid)) if *uid == pod.uid)
                 // A Domain made by hand names no owner: it belongs to the pod of its name.
                 || (pod.is_some() && d.pod_uid.is_none());
-            let pod_done = pod.as_ref().is_some_and(|p| p.finished);
+            // A Domain is a VM pod's.
+            let pod_done = pod.as_ref().is_some_and(|p| p.done(true));
             if !owner_alive || pod_done {
                 // The pod it stood for is gone (or done): release, then let the Domain go.
                 let (uid, view) = match (owner_alive, &d.pod_uid) {

@@ -98,14 +98,15 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .annotations()
             .get(vfplug_agent::QMP_SOCKET_ANNOTATION)
             .cloned(),
-        // Being deleted counts as done: its spec nets must not be attached again while its
-        // QEMU is stopped (the demo saw a dying VM's net re-attached as an owed hot-plug).
-        finished: pod.metadata.deletion_timestamp.is_some()
-            || pod
-                .status
-                .as_ref()
-                .and_then(|s| s.phase.as_deref())
-                .is_some_and(|p| p == "Succeeded" || p == "Failed"),
+        // A VM pod being deleted is done (PodFacts::done): its spec nets must not be attached
+        // again while its QEMU stops (the demo saw a dying VM's net re-attached as an owed
+        // hot-plug).
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+        ended: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed"),
     }
 }
 
@@ -524,16 +525,22 @@ mod tests {
     fn a_pod_being_deleted_or_done_gets_nothing_attached() {
         let running =
             json!({"metadata": {"name": "vm", "uid": "u"}, "status": {"phase": "Running"}});
-        assert!(!pod_facts(&pod(running.clone())).finished);
+        let facts = pod_facts(&pod(running.clone()));
+        assert!(!facts.done(true) && !facts.done(false));
         let mut deleting = running;
         deleting["metadata"]["deletionTimestamp"] = json!("2026-12-03T20:00:00Z");
+        let facts = pod_facts(&pod(deleting));
         assert!(
-            pod_facts(&pod(deleting)).finished,
-            "still Running, but being deleted"
+            facts.done(true),
+            "a VM pod still Running, but being deleted"
+        );
+        assert!(
+            !facts.done(false),
+            "a container pod keeps its VFs through its grace period"
         );
         for phase in ["Succeeded", "Failed"] {
             let p = pod(json!({"metadata": {"name": "vm"}, "status": {"phase": phase}}));
-            assert!(pod_facts(&p).finished, "{phase}");
+            assert!(pod_facts(&p).done(false), "{phase}");
         }
     }
 }

@@ -22,7 +22,8 @@ fn vm_pod(uid: &str) -> Option<PodFacts> {
     Some(PodFacts {
         uid: uid.into(),
         qmp_socket: Some(common::QMP.into()),
-        finished: false,
+        deleting: false,
+        ended: false,
     })
 }
 
@@ -30,13 +31,20 @@ fn plain_pod(uid: &str) -> Option<PodFacts> {
     Some(PodFacts {
         uid: uid.into(),
         qmp_socket: None,
-        finished: false,
+        deleting: false,
+        ended: false,
     })
 }
 
+/// Ran to its end (phase Succeeded or Failed).
 fn finished(p: Option<PodFacts>) -> Option<PodFacts> {
+    p.map(|p| PodFacts { ended: true, ..p })
+}
+
+/// Being deleted, still running.
+fn being_deleted(p: Option<PodFacts>) -> Option<PodFacts> {
     p.map(|p| PodFacts {
-        finished: true,
+        deleting: true,
         ..p
     })
 }
@@ -154,6 +162,56 @@ fn plan_decides_for_every_shape_of_pod_domain_and_node() {
                 finished(vm_pod(UID)),
                 None,
                 view(UID, ATTACHED_A, &[], &["net1"]),
+                empty(),
+            ),
+            Plan {
+                release: Some(UID.into()),
+                ..Plan::default()
+            },
+        ),
+        (
+            "a VM pod being deleted, holding VFs, no Domain: release them (its QEMU is stopping)",
+            facts(
+                being_deleted(vm_pod(UID)),
+                None,
+                view(UID, ATTACHED_A, &[], &["net1"]),
+                empty(),
+            ),
+            Plan {
+                release: Some(UID.into()),
+                ..Plan::default()
+            },
+        ),
+        (
+            "a container pod being deleted, holding a CNI VF: nothing (the runtime's CNI DEL \
+             releases it once the containers stop)",
+            facts(
+                being_deleted(plain_pod(UID)),
+                None,
+                view(UID, &[], &[], &["eth0"]),
+                empty(),
+            ),
+            Plan::default(),
+        ),
+        (
+            "a container pod that ended, holding a CNI VF: release it",
+            facts(
+                finished(plain_pod(UID)),
+                None,
+                view(UID, &[], &[], &["eth0"]),
+                empty(),
+            ),
+            Plan {
+                release: Some(UID.into()),
+                ..Plan::default()
+            },
+        ),
+        (
+            "a VM pod being deleted, with its Domain, VFs held: release",
+            facts(
+                being_deleted(vm_pod(UID)),
+                Some(domain(UID, &[net("net2")])),
+                view(UID, ATTACHED_A, &["net2"], &["net1"]),
                 empty(),
             ),
             Plan {
