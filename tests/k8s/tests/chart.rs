@@ -15,14 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
 use serde_json::json;
 use vfplug_host::prereq;
 use vfplug_k8slab::{
     Lab, PoolSpec, create_pod, delete_pod, fake_node, node_resource, pod_logs, pod_requesting,
-    vm_pod, wait_for, wait_node_resource, workspace_bin_dir,
+    vm_pod, wait_for, wait_node_resource, wait_pod_running, workspace_bin_dir,
 };
 
 const IMAGE: &str = "vfplug:lab";
@@ -73,6 +72,99 @@ impl Drop for Release {
     }
 }
 
+/// The fake node's VF netdevs made real: a veth pair per VF, `lab0v<i>` (the name the fake
+/// sysfs gives VF `i`'s netdev) and its peer `lab0v<i>p`, both in the host's namespace.
+/// Deleted when dropped (through the peer, which never leaves the host).
+struct VfLinks {
+    names: Vec<String>,
+    peers: Vec<String>,
+    macs: Vec<String>,
+}
+
+impl VfLinks {
+    fn create(n: usize) -> VfLinks {
+        let mut l = VfLinks {
+            names: Vec::new(),
+            peers: Vec::new(),
+            macs: Vec::new(),
+        };
+        for i in 0..n {
+            let (name, peer) = (format!("lab0v{i}"), format!("lab0v{i}p"));
+            // A pair an interrupted run left behind.
+            let _ = Command::new("ip").args(["link", "del", &peer]).status();
+            l.names.push(name.clone());
+            l.peers.push(peer.clone());
+            let st = Command::new("ip")
+                .args(["link", "add", &name, "type", "veth", "peer", "name", &peer])
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip link add {name}: {st}");
+            l.macs.push(link_mac(&name));
+        }
+        l
+    }
+}
+
+impl Drop for VfLinks {
+    fn drop(&mut self) {
+        for p in &self.peers {
+            let _ = Command::new("ip").args(["link", "del", p]).status();
+        }
+    }
+}
+
+fn host_has_link(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+fn link_mac(name: &str) -> String {
+    let p = Path::new("/sys/class/net").join(name).join("address");
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .trim()
+        .to_owned()
+}
+
+/// A CNI network config in the lab containerd's conf dir, named to sort first; removed when
+/// dropped, which gives new pods the lab's bridge again.
+struct PodNetwork(PathBuf);
+
+impl PodNetwork {
+    fn install(conf_dir: &Path, conflist: &serde_json::Value) -> PodNetwork {
+        let path = conf_dir.join("00-vfplug-chart.conflist");
+        // Created in place (containerd reacts to a file created there, not renamed into it).
+        std::fs::write(&path, conflist.to_string()).unwrap();
+        PodNetwork(path)
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `vfplugctl --socket SOCKET vfs`: what vfplugd's node API lists.
+fn vfplugctl_vfs(socket: &Path) -> String {
+    let out = Command::new(workspace_bin_dir().unwrap().join("vfplugctl"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("vfs")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vfplugctl vfs: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The STATE column of `pci`'s row in `vfplugctl vfs` (PCI PF VF POOL STATE ...).
+fn vf_state(listed: &str, pci: &str) -> Option<String> {
+    listed
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.first() == Some(&pci))
+        .and_then(|cells| cells.get(4).map(|s| (*s).to_owned()))
+}
+
 /// What the DaemonSet's pods, the kubelet and vfplugd said, for a failure message.
 fn diagnose(lab: &Lab, ns: &str) -> String {
     let pods = lab
@@ -118,10 +210,13 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     let root = dir.path();
     let (config, pools) = fake_node(root, &[PoolSpec::unique("chart_", 2)]).unwrap();
     let pool = pools[0].clone();
-    for sub in ["state", "run", "devinfo", "cdi", "cni"] {
+    for sub in ["state", "run", "devinfo", "cdi", "ipam"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
     let p = |sub: &str| root.join(sub).to_str().unwrap().to_owned();
+    let cni_bin_dir = lab.env.path("CNI_BIN_DIR").unwrap();
+    let cni_conf_dir = lab.env.path("CNI_CONF_DIR").unwrap();
+    let links = VfLinks::create(pool.vfs.len());
     let api = lab.env.get("K8S_API_SERVER").unwrap().to_owned();
     let (api_host, api_port) = api
         .trim_start_matches("https://")
@@ -146,7 +241,9 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
             "kubeletDir": lab.kubelet_dir.to_str().unwrap(),
             "devicePluginDir": lab.device_plugin_dir.to_str().unwrap(),
             "stateDir": p("state"), "socketDir": p("run"), "deviceInfoDir": p("devinfo"),
-            "cdiDir": p("cdi"), "cniBinDir": p("cni"),
+            "cdiDir": p("cdi"),
+            // Where the lab's containerd looks for CNI plugins: the chart installs vfplug there.
+            "cniBinDir": cni_bin_dir.to_str().unwrap(),
             // netnsDir: the default, /run/netns, where containerd pins pods' namespaces; a
             // HostToContainer mount needs a shared source, which a temp dir on /dev/shm is not.
         },
@@ -205,7 +302,7 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     timing("chart.ready_to_capacity", took);
 
     // The init container installed the CNI plugin where the runtime looks: it runs.
-    let cni = root.join("cni/vfplug");
+    let cni = cni_bin_dir.join("vfplug");
     let out = Command::new(&cni)
         .env("CNI_COMMAND", "VERSION")
         .output()
@@ -220,14 +317,7 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     );
 
     // The node API is on the host, where the CNI plugin dials it.
-    let ctl = Command::new(workspace_bin_dir().unwrap().join("vfplugctl"))
-        .arg("--socket")
-        .arg(root.join("run/vfplugd.sock"))
-        .arg("vfs")
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&ctl.stdout);
-    assert!(ctl.status.success(), "vfplugctl vfs: {ctl:?}");
+    let listed = vfplugctl_vfs(&root.join("run/vfplugd.sock"));
     for vf in &pool.vfs {
         assert!(
             listed.contains(vf.as_str()),
@@ -235,40 +325,151 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
         );
     }
 
-    // A pod asking for a VF gets it in its env (Allocate answered by the DaemonSet's vfplugd).
-    let env_pod = pod_requesting(
+    // containerd calls the installed plugin for a pod's network: a conflist that sorts first in
+    // the lab's conf dir (containerd watches it and takes the first) makes vfplug every new
+    // pod's eth0, by pool, with Debian's host-local for the address.
+    let socket = root.join("run/vfplugd.sock");
+    let net = PodNetwork::install(
+        &cni_conf_dir,
+        &json!({
+            "cniVersion": "1.0.0",
+            "name": "vfplug-chart",
+            "plugins": [{
+                "type": "vfplug",
+                "socket": socket,
+                "pool": pool.resource,
+                "timeoutSeconds": 10,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": p("ipam"),
+                    "ranges": [[{"subnet": "10.98.0.0/24"}]],
+                },
+            }],
+        }),
+    );
+    // containerd reloads on the inotify event; give it a moment (a pod that still got the
+    // bridge fails below on its MAC, saying so).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A pod asking for a VF: Allocate (the DaemonSet's vfplugd) puts the VF in its env, and
+    // containerd's CNI ADD makes that VF's netdev its eth0.
+    let vf_pod = pod_requesting(
         "wants-a-vf",
         &lab.busybox_image,
         &pool.resource,
         1,
-        &["sh", "-c", "env"],
+        &[
+            "sh",
+            "-c",
+            "echo mac=$(cat /sys/class/net/eth0/address); ip -o -4 addr show dev eth0; env; sleep 3600",
+        ],
     )
     .unwrap();
-    create_pod(&client, &ns.name, &env_pod).await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    wait_for("pod wants-a-vf to finish", WAIT, || async {
-        let p = pods.get("wants-a-vf").await.map_err(|e| e.to_string())?;
-        match p.status.and_then(|s| s.phase).as_deref() {
-            Some("Succeeded") => Ok(()),
-            other => Err(format!("{other:?}")),
+    let t = Instant::now();
+    create_pod(&client, &ns.name, &vf_pod).await.unwrap();
+    wait_pod_running(&lab, &client, &ns.name, "wants-a-vf", WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&lab, &ns.name)));
+    timing("chart.vf_pod_create_to_running", t.elapsed());
+    let env_name = pool.env_name();
+    let (logs, _) = wait_for("the pod's report", WAIT, || async {
+        let logs = pod_logs(&client, &ns.name, "wants-a-vf")
+            .await
+            .map_err(|e| e.to_string())?;
+        if logs.contains(&format!("{env_name}=")) {
+            Ok(logs)
+        } else {
+            Err(logs)
+        }
+    })
+    .await
+    .unwrap();
+    let field = |prefix: &str| {
+        logs.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in the pod's output:\n{logs}"))
+            .to_owned()
+    };
+    let got = field(&format!("{env_name}="));
+    let idx = pool
+        .vfs
+        .iter()
+        .position(|v| *v == got)
+        .unwrap_or_else(|| panic!("{env_name}={got}: not a VF of {:?}", pool.vfs));
+    let netdev = &links.names[idx];
+    assert_eq!(
+        field("mac="),
+        links.macs[idx],
+        "the pod's eth0 is not the VF {got}'s netdev {netdev} (did containerd still use the \
+         bridge config?):\n{logs}\n{}",
+        diagnose(&lab, &ns.name)
+    );
+    assert!(
+        logs.contains("inet 10.98.0."),
+        "no host-local address on eth0:\n{logs}"
+    );
+    assert!(
+        !host_has_link(netdev),
+        "{netdev} is still in the host's namespace"
+    );
+    let listed = vfplugctl_vfs(&socket);
+    let row = listed
+        .lines()
+        .find(|l| l.contains(got.as_str()))
+        .unwrap_or_else(|| panic!("{got} not listed:\n{listed}"));
+    assert_eq!(
+        vf_state(&listed, &got).as_deref(),
+        Some("configured"),
+        "{listed}"
+    );
+    assert!(
+        row.contains(&format!("/eth0 ({}/wants-a-vf)", ns.name)),
+        "{row}"
+    );
+
+    // Deleting the pod: containerd's CNI DEL gives the netdev back to the host, named as
+    // before with its MAC, and the pod's attachment is gone: the VF is back in the kubelet's
+    // accounting (`kubelet_allocated` until the kubelet stops reporting it for the pod, or
+    // `--kubelet-alloc-grace-seconds` after that) or free.
+    let t = Instant::now();
+    delete_pod(&client, &ns.name, "wants-a-vf", WAIT)
+        .await
+        .unwrap();
+    wait_for("the VF's netdev back on the host", WAIT, || async {
+        let listed = vfplugctl_vfs(&socket);
+        let state = vf_state(&listed, &got);
+        if host_has_link(netdev) && matches!(state.as_deref(), Some("free" | "kubelet_allocated")) {
+            Ok(())
+        } else {
+            Err(listed)
         }
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&lab, &ns.name)));
-    let logs = pod_logs(&client, &ns.name, "wants-a-vf").await.unwrap();
-    let line = logs
-        .lines()
-        .find(|l| l.starts_with(&format!("{}=", pool.env_name())))
-        .unwrap_or_else(|| panic!("no {} in the pod's env:\n{logs}", pool.env_name()));
-    let got = line.split_once('=').unwrap().1;
+    timing("chart.vf_pod_delete_to_netdev_home", t.elapsed());
+    // And it was containerd's DEL that released it (the plugin logs to stderr, which containerd
+    // logs), not the controller pulling the netdev out of the terminating pod.
+    let released_by_del = format!("from vfplug-chart released=true pci={got}");
+    let containerd_log = lab.daemon_log_tail("containerd", 400);
     assert!(
-        pool.vfs.iter().any(|v| v == got),
-        "{line}: not a VF of {:?}",
-        pool.vfs
+        containerd_log.contains(&released_by_del),
+        "no CNI DEL released {got} ({released_by_del:?} not in containerd's log):\n{}\n{}",
+        containerd_log
+            .lines()
+            .filter(|l| l.contains("vfplug-chart"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        lab.kubectl(&[
+            "-n",
+            &ns.name,
+            "logs",
+            "-l",
+            "app.kubernetes.io/component=vfplugd"
+        ])
+        .unwrap_or_default()
     );
-    delete_pod(&client, &ns.name, "wants-a-vf", WAIT)
-        .await
-        .unwrap();
+    assert_eq!(link_mac(netdev), links.macs[idx], "{netdev}'s MAC");
+    drop(net);
 
     // The chart's ServiceAccount may do what the controller needs and no more.
     let sa = format!("system:serviceaccount:{}:{release}", ns.name);
