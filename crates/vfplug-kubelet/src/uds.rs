@@ -142,15 +142,20 @@ pub async fn connect(path: &Path) -> Result<Channel, UdsError> {
 mod tests {
     use super::*;
 
+    fn io_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap()
+    }
+
     /// A watcher that dials each socket the moment its path appears (as the kubelet's plugin
     /// watcher does) must never be refused: the path shows up only once the socket listens.
     #[test]
     fn a_socket_path_appears_only_once_it_listens() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
+        // bind_fresh registers the listener with tokio's reactor.
+        let rt = io_runtime();
         let _guard = rt.enter();
         const N: usize = 1000;
         let base = dir.path().to_path_buf();
@@ -190,10 +195,8 @@ mod tests {
     #[test]
     fn stale_sockets_are_replaced_and_other_files_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
+        // bind_fresh registers the listener with tokio's reactor.
+        let rt = io_runtime();
         let _guard = rt.enter();
         let p = dir.path().join("a.sock");
         // A stale socket at the path and a stale hidden sibling (a crash between bind and
