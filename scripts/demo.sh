@@ -19,12 +19,17 @@
 #     controller, a VM pod running QEMU; `kubectl get domains`, a net added and removed with
 #     `kubectl patch`, status and Events, the guest seeing the device, the pod deleted, the VF
 #     Free and the Domain gone. Skipped loudly without root or a cluster.
+#  6. Installing with Helm on that node (tests/k8s/tests/chart.rs): vfplug's image written by
+#     scripts/image.sh and imported into containerd, `helm install` of deploy/helm/vfplug, vfplugd
+#     as the DaemonSet's pod registering with the kubelet, the CNI plugin installed by the init
+#     container and called by containerd itself for a pod's VF (ADD and DEL), the chart's RBAC,
+#     a VM pod's Domain from the in-cluster controller, `helm uninstall`.
 # Run as root on a fresh Debian bookworm machine. DEMO_PARTS=3,5 runs only those parts (default
 # all); the build and the setup are done for the parts selected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-DEMO_PARTS="${DEMO_PARTS:-1,2,3,4,5}"
+DEMO_PARTS="${DEMO_PARTS:-1,2,3,4,5,6}"
 selected() { case ",$DEMO_PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 part() { # N TITLE: prints the part's title, or that it is not selected (and returns 1)
     if selected "$1"; then echo "== part $1: $2"; else echo "== part $1: not selected (DEMO_PARTS=$DEMO_PARTS)"; return 1; fi
@@ -71,4 +76,23 @@ if part 5 "the Domain on a real node: kubectl, the Domain controller, a VM pod r
     echo "   A one-node Kubernetes 1.20 cluster on this machine (tests/k8s), the real vfplugd with its"
     echo "   Domain controller, a VM pod whose QEMU boots Linux under TCG; [time] = seconds since part 5 began."
     DEMO_BIN_DIR="$BIN" bash scripts/demo-domain.sh
+fi
+if part 6 "installing with Helm: the chart on the real node, containerd calling the vfplug plugin"; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "!!! PART 6 SKIPPED: needs root (the lab cluster); run scripts/demo.sh as root"
+    else
+        eval "$(bash scripts/get-chart-tools.sh)"
+        bash tests/k8s/build.sh >/tmp/vfplug-k8s-build.log 2>&1 ||
+            { tail -20 /tmp/vfplug-k8s-build.log; exit 1; }
+        lab_was_up=0
+        bash tests/k8s/cluster.sh running >/dev/null 2>&1 && lab_was_up=1
+        bash tests/k8s/cluster.sh up | tail -1
+        # The test prints its story (CHART lines) and figures (TIMING lines).
+        rc=0
+        VFPLUG_K8S_ENV="${K8S_LAB_DIR:-/tmp/vfplug-k8s}/env" VFPLUG_REQUIRE=1 cargo nextest run \
+            -p vfplug-k8slab --test chart --no-capture 2>&1 |
+            grep --line-buffered -e '^CHART ' -e '^TIMING ' -e 'PASS \[' -e 'FAIL' -e 'panicked' || rc=$?
+        [ "$lab_was_up" = 1 ] || bash tests/k8s/cluster.sh down | tail -1
+        [ "$rc" = 0 ] || { echo "part 6 FAILED; the whole output: VFPLUG_K8S_ENV=${K8S_LAB_DIR:-/tmp/vfplug-k8s}/env cargo nextest run -p vfplug-k8slab --test chart --no-capture"; exit 1; }
+    fi
 fi

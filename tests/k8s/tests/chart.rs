@@ -27,6 +27,11 @@ use vfplug_k8slab::{
 const IMAGE: &str = "vfplug:lab";
 const WAIT: Duration = Duration::from_secs(90);
 
+/// A line of the story (scripts/demo.sh part 6 shows these and the TIMING lines).
+fn say(msg: impl std::fmt::Display) {
+    eprintln!("CHART {msg}");
+}
+
 fn timing(name: &str, d: Duration) {
     eprintln!("TIMING {name} {:.3} s", d.as_secs_f64());
 }
@@ -204,6 +209,9 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
 
     let took = lab.import_vfplug_image(IMAGE).unwrap();
     timing("chart.image_write_and_import", took);
+    say(format!(
+        "image {IMAGE} written by scripts/image.sh and imported into the node's containerd"
+    ));
 
     // The fake node: its sysfs, dev, ledger, socket, CNI bin dir, all under one host dir.
     let dir = vfplug_host::fixture::tempdir().unwrap();
@@ -278,6 +286,10 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
         ],
     );
     timing("chart.helm_install", t.elapsed());
+    say(format!(
+        "helm install {release} deploy/helm/vfplug -n {}: STATUS deployed",
+        ns.name
+    ));
     assert!(out.contains("STATUS: deployed"), "{out}");
     // helm's --wait counts a DaemonSet ready at desired - maxUnavailable ready pods: 0 on one
     // node. `rollout status` waits for the pod's readiness: vfplugd's /readyz (inventory done,
@@ -294,12 +306,17 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     ])
     .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&lab, &ns.name)));
     timing("chart.install_to_ready", t.elapsed());
+    say("DaemonSet rolled out: vfplugd Ready (inventory, kubelet registration, node API)");
 
     // The real kubelet took vfplugd's registration from inside the pod.
     let took = wait_node_resource(&client, &lab.node_name, &pool.resource, 2, WAIT)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&lab, &ns.name)));
     timing("chart.ready_to_capacity", took);
+    say(format!(
+        "node {}: capacity and allocatable {} = 2",
+        lab.node_name, pool.resource
+    ));
 
     // The init container installed the CNI plugin where the runtime looks: it runs.
     let cni = cni_bin_dir.join("vfplug");
@@ -426,6 +443,15 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
         row.contains(&format!("/eth0 ({}/wants-a-vf)", ns.name)),
         "{row}"
     );
+    say(format!(
+        "pod wants-a-vf: env {env_name}={got}; eth0 is VF {got}'s netdev {netdev} (MAC {}), \
+         address from host-local; containerd called vfplug, vfplugd moved it",
+        links.macs[idx]
+    ));
+    say(format!(
+        "vfplugctl vfs: {}",
+        row.split_whitespace().collect::<Vec<_>>().join(" ")
+    ));
 
     // Deleting the pod: containerd's CNI DEL gives the netdev back to the host, named as
     // before with its MAC, and the pod's attachment is gone: the VF is back in the kubelet's
@@ -447,6 +473,10 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&lab, &ns.name)));
     timing("chart.vf_pod_delete_to_netdev_home", t.elapsed());
+    say(format!(
+        "pod deleted: containerd's CNI DEL gave {netdev} back to the host, VF {got} {}",
+        vf_state(&vfplugctl_vfs(&socket), &got).unwrap_or_default()
+    ));
     // And it was containerd's DEL that released it (the plugin logs to stderr, which containerd
     // logs), not the controller pulling the netdev out of the terminating pod.
     let released_by_del = format!("from vfplug-chart released=true pci={got}");
@@ -490,6 +520,10 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
             "can-i {verb} {what} as {sa}: want {want}, got {said}"
         );
     }
+    say(format!(
+        "kubectl auth can-i as {sa}: watch pods, create Domains, patch their status: yes; \
+         delete pods, update Domains, get secrets: no"
+    ));
 
     // The controller runs in-cluster with that account: a VM pod gets its Domain, owned by the
     // pod, and the Domain goes with the pod.
@@ -515,6 +549,9 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&lab, &ns.name)));
     timing("chart.vm_pod_to_domain", took);
+    say(
+        "VM pod vm-a (vfplug.io/qmp-socket annotation): its Domain made by the in-cluster controller",
+    );
     let owner = dom.metadata.owner_references.unwrap_or_default();
     assert!(
         owner.iter().any(|o| o.uid == uid),
@@ -531,6 +568,7 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&lab, &ns.name)));
     timing("chart.pod_gone_to_domain_gone", took);
+    say("VM pod deleted: its Domain gone with it");
 
     // Uninstall: vfplugd stops (its pools drop to 0 on the node), the CNI binary stays for the
     // pods still using it, the ledger stays on the host.
@@ -552,6 +590,10 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
     .await
     .unwrap();
     timing("chart.uninstall_to_allocatable_0", took);
+    say(format!(
+        "helm uninstall: DaemonSet gone, {} at 0 allocatable",
+        pool.resource
+    ));
     let left = lab
         .kubectl(&["-n", &ns.name, "get", "daemonsets,pods", "-o", "name"])
         .unwrap();
@@ -565,4 +607,9 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
         .flatten()
         .collect();
     assert!(!ledger.is_empty(), "the ledger stays on the host");
+    say(format!(
+        "left on the host: {} and the ledger in {}",
+        cni.display(),
+        root.join("state").display()
+    ));
 }
