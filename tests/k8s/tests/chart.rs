@@ -1,9 +1,15 @@
 //! The Helm chart (deploy/helm/vfplug) on the lab's real node: `helm install` with vfplug's own
 //! image (scripts/image.sh, imported into the lab's containerd), vfplugd as the DaemonSet's pod
-//! on a fake sysfs node (every path a chart value), registering with the real kubelet; the CNI
-//! plugin installed by the init container; the Domain controller running in-cluster with the
-//! chart's RBAC; `helm uninstall` taking it all away while the ledger stays on the host.
-//! Prints `TIMING ...` lines.
+//! on a fake sysfs node (every path a chart value; its VF netdevs real veths), registering with
+//! the real kubelet; the CNI plugin installed by the init container into containerd's bin dir
+//! and called by containerd itself for a pod's VF (ADD and DEL); the Domain controller running
+//! in-cluster with the chart's RBAC; `helm uninstall` taking it all away while the CNI binary
+//! and the ledger stay on the host. Prints `CHART ...` (the story, scripts/demo.sh part 6) and
+//! `TIMING ...` lines.
+//!
+//! It adds a conflist to the lab's containerd conf dir (every new pod's network while it runs;
+//! removed when done) and veth pairs `lab0v<i>`/`lab0v<i>p` in the host's namespace (deleted
+//! when done).
 //!
 //! Needs `tests/k8s/cluster.sh up`, `VFPLUG_K8S_ENV=<lab dir>/env` and helm (`$HELM` or on
 //! PATH; scripts/get-chart-tools.sh); without them it says SKIP (or fails, with
@@ -213,7 +219,7 @@ async fn helm_chart_runs_vfplugd_on_the_node() {
         "image {IMAGE} written by scripts/image.sh and imported into the node's containerd"
     ));
 
-    // The fake node: its sysfs, dev, ledger, socket, CNI bin dir, all under one host dir.
+    // The fake node: its sysfs, dev, ledger, socket and IPAM data, all under one host dir.
     let dir = vfplug_host::fixture::tempdir().unwrap();
     let root = dir.path();
     let (config, pools) = fake_node(root, &[PoolSpec::unique("chart_", 2)]).unwrap();
