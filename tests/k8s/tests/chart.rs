@@ -44,21 +44,17 @@ fn timing(name: &str, d: Duration) {
 
 /// Runs helm with the lab's admin kubeconfig; its stdout, or a panic with everything it said.
 fn helm(lab: &Lab, bin: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin)
-        .arg("--kubeconfig")
-        .arg(&lab.kubeconfig)
-        .args(args)
-        .output()
-        .unwrap();
+    let mut all = vec!["--kubeconfig", vfplug_chart::path_str(&lab.kubeconfig)];
+    all.extend_from_slice(args);
+    let out = vfplug_chart::run(bin, &all);
     assert!(
-        out.status.success(),
-        "helm {}: {}\n{}{}",
+        out.ok,
+        "helm {}:\n{}{}",
         args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        out.stdout,
+        out.stderr
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out.stdout
 }
 
 /// Uninstalls the release if the test ends before it did (a vfplugd with its controller left
